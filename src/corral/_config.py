@@ -1,0 +1,402 @@
+"""Turn ``spawn()``'s keywords into a frozen, validated plan.
+
+Everything that can be wrong with the arguments is found here, before the first
+process starts, and reported as a ``ConfigError`` naming the rank or token at
+fault. The only side effect, creating the log directories, happens last, once
+every other check has passed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import string
+import tempfile
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, TypeAlias
+
+from . import _callable
+from ._errors import ConfigError
+from ._result import RankLogs
+from ._std import Std
+
+__all__ = ("Entrypoint", "GroupPlan", "RankPlan", "StdSpec", "build_plan")
+
+Entrypoint: TypeAlias = "str | os.PathLike[str] | Sequence[str] | Callable[..., object]"
+StdSpec: TypeAlias = "Std | int | str | Mapping[int, Std | int | str]"
+
+#: The environment variable that marks every process of a group, so that
+#: descendants which left the rank's session can still be found (see _reap).
+GROUP_ENV: Final = "CORRAL_GROUP"
+_PREFIX_FIELDS: Final = frozenset({"rank", "stream"})
+
+
+@dataclass(frozen=True, slots=True)
+class RankPlan:
+    """Everything needed to start one rank."""
+
+    rank: int
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    dir: Path
+    logs: RankLogs
+    #: Streams that go to a file (tee implies redirect).
+    redirect: Std
+    #: Streams read through a pipe and shown on the console (a subset of ``redirect``).
+    tee: Std
+    #: For callables: where the child leaves its pickled return value.
+    result_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPlan:
+    """A validated group: every rank's plan plus the group-wide settings."""
+
+    nprocs: int
+    ranks: tuple[RankPlan, ...]
+    log_dir: Path
+    grace: float
+    prefix: str
+    cwd: Path | None
+    token: str
+    is_callable: bool
+
+
+def build_plan(
+    entrypoint: Entrypoint,
+    *,
+    nprocs: int | None = None,
+    args: Sequence[object] | Mapping[int, Sequence[object]] | None = None,
+    env: Mapping[str, str] | None = None,
+    envs: Mapping[int, Mapping[str, str]] | None = None,
+    log_dir: str | os.PathLike[str] | None = None,
+    redirects: StdSpec = Std.NONE,
+    tee: StdSpec = Std.NONE,
+    tee_ranks: Collection[int] | None = None,
+    prefix: str = "[{rank}]: ",
+    grace: float = 30.0,
+    cwd: str | os.PathLike[str] | None = None,
+) -> GroupPlan:
+    """Validate ``spawn()``'s arguments and create the log directories.
+
+    Raises:
+        ConfigError: anything is wrong; nothing has been created then.
+    """
+    is_callable = callable(entrypoint) and not isinstance(entrypoint, (str, os.PathLike))
+    n = _nprocs(nprocs, args, envs)
+    per_rank_args = _per_rank_args(args, n, is_callable)
+    common_env = _env(env, "env")
+    per_rank_env = _per_rank_env(envs, n)
+    redirect_map = _std_map(redirects, n, "redirects")
+    tee_map = _std_map(tee, n, "tee")
+    console_ranks = _tee_ranks(tee_ranks, n)
+    _check_prefix(prefix)
+    grace = _grace(grace)
+    work_dir = _cwd(cwd)
+    if is_callable:
+        call = _callable.prepare(entrypoint)  # type: ignore[arg-type]
+        base_argv: tuple[str, ...] = ()
+    else:
+        call = None
+        base_argv = _command(entrypoint)  # type: ignore[arg-type]
+    root = _log_dir(log_dir, n)
+
+    token = secrets.token_hex(8)
+    parent_env = dict(os.environ)
+    ranks: list[RankPlan] = []
+    created: list[Path] = []
+    try:
+        for rank in range(n):
+            rank_dir = root / str(rank)
+            rank_dir.mkdir()
+            created.append(rank_dir)
+            streams_tee = tee_map[rank]
+            streams_file = redirect_map[rank] | streams_tee
+            if rank not in console_ranks:
+                streams_tee = Std.NONE
+            logs = RankLogs(
+                stdout=rank_dir / "stdout.log" if streams_file & Std.OUT else None,
+                stderr=rank_dir / "stderr.log" if streams_file & Std.ERR else None,
+                error_file=rank_dir / "error.json",
+            )
+            child_env = dict(parent_env)
+            child_env.update(
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(n),
+                LOCAL_WORLD_SIZE=str(n),
+                CORRAL_RANK=str(rank),
+                CORRAL_NPROCS=str(n),
+                CORRAL_ERROR_FILE=str(logs.error_file),
+                TORCHELASTIC_ERROR_FILE=str(logs.error_file),
+            )
+            child_env.update(common_env)
+            child_env.update(per_rank_env.get(rank, {}))
+            # Set last: containment depends on it, so the user cannot unset it.
+            child_env[GROUP_ENV] = token
+            if call is not None:
+                argv, result_file = call.rank_argv(rank, per_rank_args[rank], rank_dir)
+            else:
+                argv = base_argv + tuple(str(a) for a in per_rank_args[rank])
+                result_file = None
+            ranks.append(
+                RankPlan(
+                    rank=rank,
+                    argv=argv,
+                    env=child_env,
+                    dir=rank_dir,
+                    logs=logs,
+                    redirect=streams_file,
+                    tee=streams_tee,
+                    result_file=result_file,
+                )
+            )
+    except ConfigError:
+        _remove(created)
+        raise
+    except OSError as exc:
+        _remove(created)
+        raise ConfigError(f"cannot create the rank folders in {root}: {exc}") from exc
+    return GroupPlan(
+        nprocs=n,
+        ranks=tuple(ranks),
+        log_dir=root,
+        grace=grace,
+        prefix=prefix,
+        cwd=work_dir,
+        token=token,
+        is_callable=is_callable,
+    )
+
+
+def _remove(created: list[Path]) -> None:
+    """Undo the rank folders made so far (best effort: they hold nothing yet)."""
+    for path in reversed(created):
+        for child in path.iterdir():
+            child.unlink()
+        path.rmdir()
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _nprocs(
+    nprocs: object,
+    args: object,
+    envs: object,
+) -> int:
+    if nprocs is None:
+        for name, value in (("args", args), ("envs", envs)):
+            if isinstance(value, Mapping):
+                if not value:
+                    raise ConfigError(f"{name} is an empty mapping: there must be at least 1 rank")
+                return len(value)
+        raise ConfigError("nprocs is required unless args or envs is a per-rank mapping")
+    if not _is_int(nprocs):
+        raise ConfigError(f"nprocs must be an int, not {type(nprocs).__name__}")
+    assert isinstance(nprocs, int)
+    if nprocs < 1:
+        raise ConfigError(f"nprocs must be at least 1, got {nprocs}")
+    return nprocs
+
+
+def _check_ranks(keys: Collection[object], n: int, name: str) -> None:
+    """A per-rank mapping must name exactly the ranks 0..n-1."""
+    bad = sorted((repr(k) for k in keys if not _is_int(k)), key=str)
+    if bad:
+        raise ConfigError(f"{name} keys must be int ranks; bad keys: {', '.join(bad)}")
+    ints = {k for k in keys if isinstance(k, int)}
+    missing = sorted(set(range(n)) - ints)
+    extra = sorted(ints - set(range(n)))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing ranks {missing}")
+        if extra:
+            parts.append(f"ranks outside 0..{n - 1}: {extra}")
+        raise ConfigError(f"{name} must name exactly ranks 0..{n - 1} ({'; '.join(parts)})")
+
+
+def _per_rank_args(args: object, n: int, is_callable: bool) -> dict[int, tuple[object, ...]]:
+    def one(value: object, where: str) -> tuple[object, ...]:
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise ConfigError(
+                f"{where} must be a sequence (list or tuple), not {type(value).__name__}"
+            )
+        items = tuple(value)
+        if not is_callable:
+            for item in items:
+                if not isinstance(item, (str, os.PathLike)):
+                    raise ConfigError(
+                        f"{where} holds {item!r}: command arguments must be str or path"
+                    )
+        return items
+
+    if args is None:
+        return dict.fromkeys(range(n), ())
+    if isinstance(args, Mapping):
+        _check_ranks(args.keys(), n, "args")
+        return {rank: one(args[rank], f"args[{rank}]") for rank in range(n)}
+    common = one(args, "args")
+    return dict.fromkeys(range(n), common)
+
+
+def _env(env: object, where: str) -> dict[str, str]:
+    if env is None:
+        return {}
+    if not isinstance(env, Mapping):
+        raise ConfigError(f"{where} must be a mapping of str to str, not {type(env).__name__}")
+    out: dict[str, str] = {}
+    for key, value in env.items():
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise ConfigError(f"{where} has a bad variable name {key!r}")
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str) or "\0" in value:
+            raise ConfigError(f"{where}[{key!r}] must be a str without NUL, got {value!r}")
+        out[key] = value
+    return out
+
+
+def _per_rank_env(envs: object, n: int) -> dict[int, dict[str, str]]:
+    if envs is None:
+        return {}
+    if not isinstance(envs, Mapping):
+        raise ConfigError(f"envs must be a mapping rank -> variables, not {type(envs).__name__}")
+    _check_ranks(envs.keys(), n, "envs")
+    return {rank: _env(envs[rank], f"envs[{rank}]") for rank in range(n)}
+
+
+def _std_one(value: object, where: str) -> Std:
+    if isinstance(value, Std):
+        return value
+    if _is_int(value):
+        assert isinstance(value, int)
+        if 0 <= value <= 3:
+            return Std(value)
+        raise ConfigError(f"{where}: {value} is not a Std value (0-3)")
+    if isinstance(value, str):
+        parsed = Std.parse(value)
+        if isinstance(parsed, Std):
+            return parsed
+        raise ConfigError(f"{where}: {value!r} is a per-rank spec where one value was expected")
+    raise ConfigError(f"{where} must be a Std, an int 0-3 or a str, not {type(value).__name__}")
+
+
+def _std_map(spec: object, n: int, name: str) -> dict[int, Std]:
+    if isinstance(spec, str):
+        spec = Std.parse(spec)
+    if isinstance(spec, Mapping):
+        bad = [k for k in spec if not _is_int(k) or not 0 <= k < n]
+        if bad:
+            raise ConfigError(
+                f"{name} names ranks outside 0..{n - 1}: {', '.join(map(repr, bad))}"
+            )
+        out = dict.fromkeys(range(n), Std.NONE)
+        for rank, value in spec.items():
+            out[rank] = _std_one(value, f"{name}[{rank}]")
+        return out
+    return dict.fromkeys(range(n), _std_one(spec, name))
+
+
+def _tee_ranks(tee_ranks: object, n: int) -> frozenset[int]:
+    if tee_ranks is None:
+        return frozenset(range(n))
+    if isinstance(tee_ranks, (str, bytes)) or not isinstance(tee_ranks, Collection):
+        raise ConfigError(
+            f"tee_ranks must be None or a collection of ranks, not {type(tee_ranks).__name__}"
+        )
+    bad = [r for r in tee_ranks if not _is_int(r) or not 0 <= r < n]
+    if bad:
+        raise ConfigError(f"tee_ranks names ranks outside 0..{n - 1}: {', '.join(map(repr, bad))}")
+    return frozenset(tee_ranks)
+
+
+def _check_prefix(prefix: object) -> None:
+    if not isinstance(prefix, str):
+        raise ConfigError(f"prefix must be a str, not {type(prefix).__name__}")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(prefix) if f is not None]
+        unknown = sorted({f for f in fields if f not in _PREFIX_FIELDS})
+        if unknown:
+            raise ConfigError(
+                f"prefix {prefix!r} uses unknown field(s) {', '.join(unknown)}; "
+                "only {rank} and {stream} are available"
+            )
+        prefix.format(rank=0, stream="out")
+    except (ValueError, IndexError, KeyError, AttributeError) as exc:
+        raise ConfigError(f"bad prefix {prefix!r}: {exc}") from exc
+
+
+def _grace(grace: object) -> float:
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)):
+        raise ConfigError(f"grace must be a number of seconds, not {type(grace).__name__}")
+    value = float(grace)
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"grace must be a finite number >= 0, got {grace!r}")
+    return value
+
+
+def _cwd(cwd: object) -> Path | None:
+    if cwd is None:
+        return None
+    if not isinstance(cwd, (str, os.PathLike)):
+        raise ConfigError(f"cwd must be a path, not {type(cwd).__name__}")
+    path = Path(cwd)
+    if not path.is_dir():
+        raise ConfigError(f"cwd {str(path)!r} is not an existing directory")
+    return path
+
+
+def _command(entrypoint: object) -> tuple[str, ...]:
+    if isinstance(entrypoint, (str, os.PathLike)):
+        argv: tuple[object, ...] = (entrypoint,)
+    elif isinstance(entrypoint, bytes) or not isinstance(entrypoint, Sequence):
+        raise ConfigError(
+            "entrypoint must be a command (str, path or argv sequence) or a callable, "
+            f"not {type(entrypoint).__name__}"
+        )
+    else:
+        argv = tuple(entrypoint)
+    if not argv:
+        raise ConfigError("entrypoint is an empty argv: name the program to run")
+    for item in argv:
+        if not isinstance(item, (str, os.PathLike)):
+            raise ConfigError(f"entrypoint argv holds {item!r}: every item must be a str or path")
+    out = tuple(os.fspath(a) for a in argv)
+    if not out[0]:
+        raise ConfigError("entrypoint names an empty program")
+    if any("\0" in a for a in out):
+        raise ConfigError("entrypoint argv holds a NUL character")
+    return out  # type: ignore[return-value]
+
+
+def _log_dir(log_dir: object, n: int) -> Path:
+    """Check ``log_dir`` and create it (last step of validation)."""
+    if log_dir is None:
+        try:
+            return Path(tempfile.mkdtemp(prefix="corral-"))
+        except OSError as exc:
+            raise ConfigError(f"cannot create a temporary log_dir: {exc}") from exc
+    if not isinstance(log_dir, (str, os.PathLike)):
+        raise ConfigError(f"log_dir must be a path, not {type(log_dir).__name__}")
+    root = Path(log_dir)
+    if root.exists():
+        if not root.is_dir():
+            raise ConfigError(f"log_dir {str(root)!r} exists and is not a directory")
+        taken = [str(r) for r in range(n) if (root / str(r)).exists()]
+        if taken:
+            raise ConfigError(
+                f"log_dir {str(root)!r} already holds rank folder(s) {', '.join(taken)}; "
+                "corral never overwrites logs: choose a new log_dir or remove them"
+            )
+        return root
+    try:
+        root.mkdir(parents=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create log_dir {str(root)!r}: {exc.strerror or exc}") from exc
+    return root

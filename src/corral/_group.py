@@ -1,0 +1,679 @@
+"""``Group``: the lifecycle of N ranks, and ``spawn``/``run``.
+
+State machine: ``NEW -> RUNNING -> CLOSING -> CLOSED``. Every rank exit is an
+event from the loop (a pidfd turning readable), so the first failure is seen
+within a loop iteration of the exit. Closing is a single task, created once;
+every ``close()``/``wait()``/``__aexit__`` awaits that same task through
+``asyncio.shield`` and keeps awaiting it if cancelled, so clean-up always
+finishes and every caller gets the same ``Result``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import pickle
+import signal
+import time
+import warnings
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+from . import _platform, _reap
+from ._config import Entrypoint, GroupPlan, RankPlan, StdSpec, _grace, build_plan
+from ._errors import ConfigError, CorralError
+from ._pump import Pump, open_pump
+from ._record import read_error_file
+from ._result import Failure, RankLogs, Result
+from ._spawn import ExecFailed, start_rank
+from ._std import Std
+from ._tee import Console
+
+__all__ = ("Group", "run", "spawn")
+
+_log = logging.getLogger("corral")
+
+#: After every process of the group is dead, how long pipes may take to reach
+#: EOF before they are drained and closed by force (a writer escaped the group).
+DRAIN_TIMEOUT: Final = 0.5
+#: How many kill-and-rescan rounds before giving up on a process that keeps forking.
+_KILL_ROUNDS: Final = 20
+
+
+class _State(enum.IntEnum):
+    NEW = 0
+    RUNNING = 1
+    CLOSING = 2
+    CLOSED = 3
+
+
+class _Rank:
+    """Mutable runtime state of one rank (private to the Group)."""
+
+    __slots__ = (
+        "after_close",
+        "exec_failed",
+        "exit_time",
+        "plan",
+        "popen_returncode_sink",
+        "pid",
+        "pumps",
+        "returncode",
+    )
+
+    def __init__(self, plan: RankPlan) -> None:
+        self.plan = plan
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        self.exit_time: float | None = None
+        self.after_close = False
+        self.exec_failed: ExecFailed | None = None
+        self.pumps: list[Pump] = []
+        self.popen_returncode_sink: object = None
+
+    @property
+    def alive(self) -> bool:
+        return self.pid is not None and self.returncode is None
+
+
+class _Killer:
+    """Descendants being ended: pidfds and their exits, event-driven."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.live: dict[int, tuple[_reap.Member, int | None]] = {}
+        self.seen: set[int] = set()
+        self._changed = asyncio.Event()
+
+    def add(self, members: Iterable[_reap.Member]) -> list[_reap.Member]:
+        added = []
+        for m in members:
+            self.seen.add(m.pid)
+            if m.zombie or m.pid in self.live:
+                continue
+            fd = _reap.open_member(m)
+            if fd is None and _platform.HAS_PIDFD:
+                continue  # already gone
+            self.live[m.pid] = (m, fd)
+            if fd is not None:
+                self._loop.add_reader(fd, self._on_exit, m.pid)
+            added.append(m)
+        return added
+
+    def _on_exit(self, pid: int) -> None:
+        entry = self.live.pop(pid, None)
+        if entry is not None and entry[1] is not None:
+            self._loop.remove_reader(entry[1])
+            os.close(entry[1])
+        self._changed.set()
+
+    def signal_all(self, sig: int) -> None:
+        for member, fd in list(self.live.values()):
+            _reap.signal_member(member, fd, sig)
+
+    def forget_untracked(self) -> None:
+        """Without pidfds, exits cannot be awaited: consider SIGKILLed members ended."""
+        for pid, (_m, fd) in list(self.live.items()):
+            if fd is None:
+                del self.live[pid]
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+        self._changed.clear()
+
+    def close(self) -> None:
+        for pid in list(self.live):
+            self._on_exit(pid)
+
+
+class Group:
+    """A running group of ranks. Create it with :func:`spawn`, enter it with ``async with``.
+
+    Attributes:
+        nprocs: the number of ranks.
+        log_dir: the folder holding ``{rank}/stdout.log``, ``stderr.log``, ``error.json``.
+        logs: rank -> its :class:`RankLogs`.
+    """
+
+    def __init__(self, plan: GroupPlan, console: Console | None = None) -> None:
+        self._plan = plan
+        self._console = console
+        self._ranks = [_Rank(rp) for rp in plan.ranks]
+        self._state = _State.NEW
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._live = 0
+        self._settled: asyncio.Event | None = None
+        self._exits_changed: asyncio.Event | None = None
+        self._closer: asyncio.Task[Result] | None = None
+        self._deadline = 0.0
+        self._deadline_changed: asyncio.Event | None = None
+        self._result: Result | None = None
+        self._since = 0
+        self._started_at = 0.0
+        self.nprocs: int = plan.nprocs
+        self.log_dir: Path = plan.log_dir
+        self.logs: dict[int, RankLogs] = {rp.rank: rp.logs for rp in plan.ranks}
+
+    # -- public surface ---------------------------------------------------------
+    @property
+    def pids(self) -> dict[int, int]:
+        """rank -> pid of every rank that started (a rank whose program is missing has none)."""
+        return {r.plan.rank: r.pid for r in self._ranks if r.pid is not None}
+
+    async def __aenter__(self) -> Group:
+        await self._start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._state is _State.NEW:
+            return
+        # Leaving the block for any reason closes the group, shielded: a
+        # cancellation arriving now does not shorten the grace period.
+        await self._close_shielded(None, hurry_on_cancel=False)
+
+    async def wait(self) -> Result:
+        """Wait until every rank exited 0, or until one failed; then close the group.
+
+        Returns:
+            The final :class:`Result` once every rank is reaped, every
+            descendant ended and every teed line written.
+
+        Cancellation:
+            Cancelled while ranks run, ``wait`` returns at once and the group
+            keeps running. Cancelled while closing (after a failure), the
+            close still finishes before ``CancelledError`` propagates.
+        """
+        self._require_started("wait")
+        assert self._settled is not None
+        if self._closer is None:
+            await self._settled.wait()
+        return await self._close_shielded(None, hurry_on_cancel=False)
+
+    def poll(self) -> Result | None:
+        """Return ``None`` while any rank is running, else the final :class:`Result` (never blocks)."""
+        if self._result is not None:
+            return self._result
+        if self._state is _State.NEW or self._live > 0:
+            return None
+        return self._build_result()
+
+    async def close(self, grace: float | None = None) -> Result:
+        """End every rank and descendant and return the final :class:`Result`.
+
+        SIGTERM goes to every live rank's process group and to descendants
+        that left it; after ``grace`` seconds SIGKILL ends what remains; every
+        rank is reaped, the pumps are drained, the files closed. Idempotent and
+        safe to call concurrently: every caller gets the same Result. A call
+        with a shorter ``grace`` than a close already running shortens it.
+
+        Args:
+            grace: seconds between SIGTERM and SIGKILL (default: the group's).
+
+        Cancellation:
+            A cancelled ``close`` skips the rest of the grace period, SIGKILLs,
+            finishes the clean-up, then raises ``CancelledError``.
+        """
+        if self._state is _State.NEW:
+            raise CorralError("close() on a group that never started: use 'async with spawn(...)'")
+        return await self._close_shielded(grace, hurry_on_cancel=True)
+
+    def send_signal(self, sig: int, ranks: Collection[int] | None = None) -> None:
+        """Send ``sig`` to the process group of each live rank in ``ranks`` (default: all).
+
+        Raises:
+            ConfigError: ``ranks`` names a rank outside 0..nprocs-1.
+        """
+        self._require_started("send_signal")
+        selected = range(self.nprocs) if ranks is None else ranks
+        bad = [r for r in selected if not isinstance(r, int) or not 0 <= r < self.nprocs]
+        if bad:
+            raise ConfigError(f"send_signal: no such rank(s) {bad}; ranks are 0..{self.nprocs - 1}")
+        for r in selected:
+            _killpg(self._ranks[r], sig)
+
+    def __repr__(self) -> str:
+        return f"<corral.Group nprocs={self.nprocs} state={self._state.name} log_dir={self.log_dir}>"
+
+    def __del__(self, _warn: object = warnings.warn) -> None:
+        if self._state in (_State.RUNNING, _State.CLOSING) and self._closer is None:
+            for r in self._ranks:
+                if r.alive:
+                    _killpg(r, signal.SIGKILL)
+            warnings.warn(f"unclosed {self!r}: its ranks were killed", ResourceWarning, stacklevel=1)
+
+    # -- starting ---------------------------------------------------------------
+    def _require_started(self, what: str) -> None:
+        if self._state is _State.NEW:
+            raise CorralError(f"{what}() on a group that has not started: use 'async with spawn(...)'")
+
+    async def _start(self) -> None:
+        if self._state is not _State.NEW:
+            raise CorralError("a Group can be entered only once")
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._settled = asyncio.Event()
+        self._exits_changed = asyncio.Event()
+        self._deadline_changed = asyncio.Event()
+        _platform.become_subreaper()
+        self._since = _reap.boot_ticks_now()
+        self._started_at = time.time()
+        self._state = _State.RUNNING
+        plan = self._plan
+        console = self._console
+        if console is None and any(rp.tee for rp in plan.ranks):
+            console = self._console = Console.create()
+        pending: list[asyncio.Future[Pump]] = []
+        try:
+            for r in self._ranks:
+                rp = r.plan
+                outcome = start_rank(plan, rp)
+                if isinstance(outcome, ExecFailed):
+                    r.exec_failed = outcome
+                    r.exit_time = time.time()
+                    self._settled.set()
+                    continue
+                popen = outcome.popen
+                r.pid = popen.pid
+                r.popen_returncode_sink = popen
+                self._live += 1
+                _platform.watch_exit(loop, popen.pid, _exit_callback(self, r, popen))
+                for name, pipe, path, stream in (
+                    ("out", outcome.stdout, rp.logs.stdout, console.stdout if console else None),
+                    ("err", outcome.stderr, rp.logs.stderr, console.stderr if console else None),
+                ):
+                    if pipe is None:
+                        continue
+                    assert path is not None and console is not None and stream is not None
+                    prefix = console.render_prefix(plan.prefix, rp.rank, name)
+                    pending.append(
+                        asyncio.ensure_future(open_pump(rp.rank, name, pipe, path, stream, prefix))
+                    )
+            if pending:
+                pumps = await asyncio.gather(*pending)
+                for pump in pumps:
+                    self._ranks[pump.rank].pumps.append(pump)
+        except BaseException as exc:
+            # Roll back: nothing started may outlive a failed start.
+            for fut in pending:
+                if not fut.done():
+                    fut.cancel()
+            await self._close_shielded(0.0, hurry_on_cancel=False)
+            if isinstance(exc, OSError):
+                raise CorralError(f"could not start the group: {exc}") from exc
+            raise
+        if self._live == 0:
+            self._settled.set()
+
+    def _on_exit(self, r: _Rank, returncode: int) -> None:
+        """Called on the loop when rank ``r`` has exited and been reaped."""
+        r.returncode = returncode
+        r.exit_time = time.time()
+        r.after_close = self._state >= _State.CLOSING
+        self._live -= 1
+        assert self._settled is not None and self._exits_changed is not None
+        if (returncode != 0 and not r.after_close) or self._live == 0:
+            self._settled.set()
+        self._exits_changed.set()
+
+    # -- closing ----------------------------------------------------------------
+    async def _close_shielded(self, grace: float | None, *, hurry_on_cancel: bool) -> Result:
+        loop = self._loop
+        assert loop is not None
+        g = self._plan.grace if grace is None else _grace(grace)
+        deadline = loop.time() + g
+        if self._closer is None:
+            self._deadline = deadline
+            self._state = max(self._state, _State.CLOSING)
+            self._closer = loop.create_task(self._close_task(), name="corral-close")
+        elif deadline < self._deadline:
+            self._shorten(deadline)
+        closer = self._closer
+        cancelled = False
+        while True:
+            try:
+                result = await asyncio.shield(closer)
+                break
+            except asyncio.CancelledError:
+                if closer.done():
+                    raise
+                cancelled = True
+                if hurry_on_cancel:
+                    self._shorten(loop.time())
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
+
+    def _shorten(self, deadline: float) -> None:
+        if deadline < self._deadline:
+            self._deadline = deadline
+            assert self._deadline_changed is not None
+            self._deadline_changed.set()
+
+    async def _close_task(self) -> Result:
+        loop = self._loop
+        assert loop is not None
+        killer = _Killer(loop)
+        try:
+            # 1. Snapshot descendants first: once a rank dies its children are
+            #    re-parented and parent links no longer lead to them.
+            killer.add(self._scan())
+            # 2. SIGTERM every live rank's process group and every descendant.
+            for r in self._ranks:
+                if r.alive:
+                    _killpg(r, signal.SIGTERM)
+            killer.signal_all(signal.SIGTERM)
+            # 3. The grace period: ends early when everything is gone.
+            await self._wait_dead(killer, use_deadline=True)
+            # 4. SIGKILL what remains; rescan until no process of the group is left.
+            for _ in range(_KILL_ROUNDS):
+                for r in self._ranks:
+                    if r.alive:
+                        _killpg(r, signal.SIGKILL)
+                killer.add(self._scan())
+                killer.signal_all(signal.SIGKILL)
+                killer.forget_untracked()
+                await self._wait_dead(killer, use_deadline=False)
+                if not killer.add(self._scan()) and not any(r.alive for r in self._ranks):
+                    break
+            else:
+                _log.error("corral: processes of %s kept appearing after SIGKILL", self)
+            # 5. Reap descendants re-parented to us (we are a subreaper).
+            self._reap_orphans(killer)
+            # 6. Drain the pumps: with every writer dead, EOF is immediate.
+            await self._drain()
+        finally:
+            killer.close()
+            self._state = _State.CLOSED
+        self._result = self._build_result()
+        return self._result
+
+    def _scan(self) -> list[_reap.Member]:
+        sessions = [r.pid for r in self._ranks if r.pid is not None]
+        return _reap.scan(self._plan.token, sessions, self._since, exclude=sessions)
+
+    async def _wait_dead(self, killer: _Killer, *, use_deadline: bool) -> None:
+        """Wait until no rank and no tracked descendant is alive (or the deadline passes)."""
+        loop = self._loop
+        assert loop is not None and self._exits_changed is not None
+        assert self._deadline_changed is not None
+        while any(r.alive for r in self._ranks) or killer.live:
+            timeout = None
+            if use_deadline:
+                timeout = self._deadline - loop.time()
+                if timeout <= 0:
+                    return
+            self._exits_changed.clear()
+            self._deadline_changed.clear()
+            waiters = [
+                asyncio.ensure_future(self._exits_changed.wait()),
+                asyncio.ensure_future(killer.changed()),
+            ]
+            if use_deadline:
+                waiters.append(asyncio.ensure_future(self._deadline_changed.wait()))
+            try:
+                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+
+    def _reap_orphans(self, killer: _Killer) -> None:
+        for pid in killer.seen:
+            _reap.reap_if_child(pid)
+        # Zombies re-parented to us after their parent member died.
+        for m in self._scan():
+            if m.zombie and m.ppid == os.getpid():
+                _reap.reap_if_child(m.pid)
+
+    async def _drain(self) -> None:
+        pumps = [p for r in self._ranks for p in r.pumps]
+        if not pumps:
+            return
+        waiting = [p.done for p in pumps if not p.done.done()]
+        if waiting:
+            _, still = await asyncio.wait(waiting, timeout=DRAIN_TIMEOUT)
+            if still:
+                _log.warning(
+                    "corral: a process outside the group still holds a rank's pipe; "
+                    "closing the pipe"
+                )
+        for p in pumps:
+            p.drain_and_close()
+        await asyncio.gather(*(p.done for p in pumps))
+
+    # -- the result -------------------------------------------------------------
+    def _build_result(self) -> Result:
+        exit_codes: dict[int, int] = {}
+        failures: dict[int, Failure] = {}
+        returns: dict[int, object] = {}
+        terminated: set[int] = set()
+        for r in self._ranks:
+            rank = r.plan.rank
+            if r.exec_failed is not None:
+                exit_codes[rank] = r.exec_failed.exitcode
+                failures[rank] = Failure(
+                    rank=rank,
+                    pid=None,
+                    exitcode=r.exec_failed.exitcode,
+                    signal=None,
+                    timestamp=r.exit_time or self._started_at,
+                    error_file=None,
+                    error=None,
+                    message=r.exec_failed.message,
+                    logs=r.plan.logs,
+                )
+                continue
+            code = r.returncode
+            assert code is not None
+            exit_codes[rank] = code
+            if r.after_close:
+                terminated.add(rank)
+            elif code != 0:
+                failures[rank] = self._failure(r, code)
+            else:
+                value, failure = self._return_value(r)
+                returns[rank] = value
+                if failure is not None:
+                    failures[rank] = failure
+        return Result(
+            exit_codes=exit_codes,
+            return_values=returns,
+            failures=failures,
+            terminated=frozenset(terminated),
+            logs=dict(self.logs),
+            log_dir=self.log_dir,
+        )
+
+    def _failure(self, r: _Rank, code: int, message: str | None = None) -> Failure:
+        sig = _signal_name(-code) if code < 0 else None
+        info = read_error_file(r.plan.logs.error_file)
+        if message is None:
+            message = f"killed by {sig}" if sig else f"exited with code {code}"
+        timestamp = r.exit_time or time.time()
+        if info is not None:
+            message = info.message
+            if info.timestamp is not None:
+                timestamp = info.timestamp
+        return Failure(
+            rank=r.plan.rank,
+            pid=r.pid,
+            exitcode=code,
+            signal=sig,
+            timestamp=timestamp,
+            error_file=r.plan.logs.error_file if info is not None else None,
+            error=info.content if info is not None else None,
+            message=message,
+            traceback=info.traceback if info is not None else None,
+            logs=r.plan.logs,
+        )
+
+    def _return_value(self, r: _Rank) -> tuple[object, Failure | None]:
+        path = r.plan.result_file
+        if path is None:
+            return None, None
+        try:
+            with open(path, "rb") as f:
+                return pickle.load(f), None
+        except FileNotFoundError:
+            return None, None
+        except Exception as exc:
+            return None, self._failure(r, 0, f"its return value could not be loaded: {exc!r}")
+
+
+def _exit_callback(group: Group, r: _Rank, popen: object) -> _ExitCallback:
+    return _ExitCallback(group, r, popen)
+
+
+class _ExitCallback:
+    __slots__ = ("group", "popen", "rank")
+
+    def __init__(self, group: Group, rank: _Rank, popen: object) -> None:
+        self.group = group
+        self.rank = rank
+        self.popen = popen
+
+    def __call__(self, returncode: int) -> None:
+        # Tell Popen it was reaped, or its __del__ warns that it "is still running".
+        self.popen.returncode = returncode  # type: ignore[attr-defined]
+        self.group._on_exit(self.rank, returncode)
+
+
+def _killpg(r: _Rank, sig: int) -> None:
+    """Signal a live rank's process group (its pid is held until we reap it: no reuse race)."""
+    if r.alive:
+        assert r.pid is not None
+        try:
+            os.killpg(r.pid, sig)
+        except ProcessLookupError:
+            pass  # exited; the exit event is on its way
+        except PermissionError:
+            # A setuid program in the group; signal the rank itself at least.
+            try:
+                os.kill(r.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"SIG{signum}"
+
+
+def spawn(
+    entrypoint: Entrypoint,
+    *,
+    nprocs: int | None = None,
+    args: Sequence[object] | Mapping[int, Sequence[object]] | None = None,
+    env: Mapping[str, str] | None = None,
+    envs: Mapping[int, Mapping[str, str]] | None = None,
+    log_dir: str | os.PathLike[str] | None = None,
+    redirects: StdSpec = Std.NONE,
+    tee: StdSpec = Std.NONE,
+    tee_ranks: Collection[int] | None = None,
+    prefix: str = "[{rank}]: ",
+    grace: float = 30.0,
+    cwd: str | os.PathLike[str] | None = None,
+    console: Console | None = None,
+) -> Group:
+    """Plan a group of ranks; ``async with`` the returned :class:`Group` starts them.
+
+    Args:
+        entrypoint: a command (``str``/path, or an argv sequence; never run
+            through a shell) or a module-level Python callable (run in a fresh
+            interpreter per rank).
+        nprocs: number of ranks; may be omitted when ``args`` or ``envs`` is a
+            per-rank mapping.
+        args: extra argv (command) or positional arguments (callable): one
+            sequence for every rank, or a mapping rank -> sequence.
+        env: variables for every rank (over the parent's and the rank variables).
+        envs: rank -> variables (over ``env``).
+        log_dir: where ``{rank}/stdout.log`` etc. go; default a fresh temporary folder.
+        redirects: streams that go to log files (``Std``, a spec string, or rank -> Std).
+        tee: streams that go to the log files and to the console.
+        tee_ranks: the ranks whose tee reaches the console (default: all).
+        prefix: format of each teed line's prefix; fields ``{rank}``, ``{stream}``.
+        grace: seconds between SIGTERM and SIGKILL when closing.
+        cwd: working directory of the ranks.
+        console: where teed lines go (default: this process's stdout/stderr).
+
+    Returns:
+        An unstarted :class:`Group`.
+
+    Raises:
+        ConfigError: any argument is invalid; nothing was started.
+    """
+    plan = build_plan(
+        entrypoint,
+        nprocs=nprocs,
+        args=args,
+        env=env,
+        envs=envs,
+        log_dir=log_dir,
+        redirects=redirects,
+        tee=tee,
+        tee_ranks=tee_ranks,
+        prefix=prefix,
+        grace=grace,
+        cwd=cwd,
+    )
+    return Group(plan, console)
+
+
+async def run(
+    entrypoint: Entrypoint,
+    *,
+    nprocs: int | None = None,
+    args: Sequence[object] | Mapping[int, Sequence[object]] | None = None,
+    env: Mapping[str, str] | None = None,
+    envs: Mapping[int, Mapping[str, str]] | None = None,
+    log_dir: str | os.PathLike[str] | None = None,
+    redirects: StdSpec = Std.NONE,
+    tee: StdSpec = Std.NONE,
+    tee_ranks: Collection[int] | None = None,
+    prefix: str = "[{rank}]: ",
+    grace: float = 30.0,
+    cwd: str | os.PathLike[str] | None = None,
+    console: Console | None = None,
+) -> Result:
+    """Spawn a group, wait for it and close it; see :func:`spawn` for the arguments.
+
+    Returns:
+        The final :class:`Result` (call ``raise_for_failure()`` to turn a
+        failure into an exception).
+
+    Cancellation:
+        The group is closed (SIGTERM, grace, SIGKILL, reap) before
+        ``CancelledError`` propagates.
+    """
+    group = spawn(
+        entrypoint,
+        nprocs=nprocs,
+        args=args,
+        env=env,
+        envs=envs,
+        log_dir=log_dir,
+        redirects=redirects,
+        tee=tee,
+        tee_ranks=tee_ranks,
+        prefix=prefix,
+        grace=grace,
+        cwd=cwd,
+        console=console,
+    )
+    async with group:
+        return await group.wait()
+
+
+Group.__module__ = "corral"
+spawn.__module__ = "corral"
+run.__module__ = "corral"

@@ -1,0 +1,164 @@
+"""Output pumps: one asyncio read-pipe protocol per teed (rank, stream).
+
+Bytes in, bytes out. Each chunk the loop reads is written verbatim to the
+rank's log file, then split into whole lines for the console. The splitter
+keeps at most one partial line of ``LINE_CAP`` bytes: a longer line is teed in
+pieces, so memory stays bounded whatever a rank writes. No thread, no
+``readline()``: ``data_received`` is called straight from the selector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import IO, Final
+
+from ._tee import ConsoleStream
+
+__all__ = ("CHUNK", "LINE_CAP", "Pump", "open_pump")
+
+_log = logging.getLogger("corral")
+
+#: Bytes asked of the pipe per read; byte operations on larger chunks slow down sharply.
+CHUNK: Final = 65536
+#: The longest partial line held for the console before it is teed in pieces.
+LINE_CAP: Final = 65536
+
+
+class _LineTee:
+    """Split chunks into prefixed whole lines, one console write per chunk."""
+
+    __slots__ = ("_console", "_nl_prefix", "_partial", "_prefix")
+
+    def __init__(self, console: ConsoleStream, prefix: bytes) -> None:
+        self._console = console
+        self._prefix = prefix
+        self._nl_prefix = b"\n" + prefix
+        self._partial = b""
+
+    def feed(self, data: bytes) -> None:
+        end = data.rfind(b"\n") + 1
+        if end == 0:
+            self._hold(data)
+            return
+        head = data[:end] if end < len(data) else data
+        if self._partial:
+            head = self._partial + head
+            self._partial = b""
+        prefix = self._prefix
+        if prefix:
+            self._console.write(prefix + head[:-1].replace(b"\n", self._nl_prefix) + b"\n")
+        else:
+            self._console.write(head)
+        if end < len(data):
+            self._hold(data[end:])
+
+    def _hold(self, tail: bytes) -> None:
+        partial = self._partial + tail if self._partial else tail
+        while len(partial) >= LINE_CAP:
+            self._console.write(self._prefix + partial[:LINE_CAP] + b"\n")
+            partial = partial[LINE_CAP:]
+        self._partial = partial
+
+    def flush(self) -> None:
+        """End a last line that has no newline (the console gets one; the file does not)."""
+        if self._partial:
+            self._console.write(self._prefix + self._partial + b"\n")
+            self._partial = b""
+
+
+class Pump(asyncio.Protocol):
+    """Read one pipe to EOF into a log file and, optionally, the console."""
+
+    def __init__(self, rank: int, stream: str, path: Path, tee: _LineTee | None) -> None:
+        self.rank = rank
+        self.stream = stream
+        self.path = path
+        self.error: str | None = None
+        self._fd: int | None = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
+        )
+        self._tee = tee
+        self._transport: asyncio.ReadTransport | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # -- asyncio.Protocol -------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.ReadTransport)
+        self._transport = transport
+        if hasattr(transport, "max_size"):
+            transport.max_size = CHUNK
+
+    def data_received(self, data: bytes) -> None:
+        self._write_file(data)
+        if self._tee is not None:
+            self._tee.feed(data)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish()
+
+    # -- file sink ----------------------------------------------------------
+    def _write_file(self, data: bytes) -> None:
+        fd = self._fd
+        if fd is None:
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError as exc:
+            # Report it once and stop writing this file; the pipe keeps being
+            # drained (so the rank never blocks) and the other ranks' logs flow.
+            self.error = f"writing {self.path} failed: {exc}"
+            _log.error("corral: rank %d %s: %s", self.rank, self.stream, self.error)
+            os.close(fd)
+            self._fd = None
+
+    def _finish(self) -> None:
+        if self._tee is not None:
+            self._tee.flush()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if not self.done.done():
+            self.done.set_result(None)
+
+    # -- forced end -----------------------------------------------------------
+    def drain_and_close(self) -> None:
+        """Read what is already in the pipe, then close it (a writer escaped the group)."""
+        transport = self._transport
+        if transport is None or self.done.done():
+            return
+        pipe = transport.get_extra_info("pipe")
+        if pipe is not None:
+            try:
+                fd = pipe.fileno()
+                while True:
+                    data = os.read(fd, CHUNK)
+                    if not data:
+                        break
+                    self.data_received(data)
+            except (BlockingIOError, OSError, ValueError):
+                pass  # nothing more buffered, or already closed
+        transport.close()
+
+
+async def open_pump(
+    rank: int, stream: str, pipe: IO[bytes], path: Path, console: ConsoleStream | None,
+    prefix: bytes,
+) -> Pump:
+    """Start pumping ``pipe`` into ``path`` (and the console when given)."""
+    tee = _LineTee(console, prefix) if console is not None else None
+    pump = Pump(rank, stream, path, tee)
+    try:
+        await asyncio.get_running_loop().connect_read_pipe(lambda: pump, pipe)
+    except BaseException:
+        pump._finish()
+        pipe.close()
+        raise
+    return pump
