@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import pickle
 import sys
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from ._errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from pathlib import Path
 
 __all__ = ("CallSpec", "prepare")
 

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, TypeAlias
+from typing import Final, TypeAlias, cast
 
 from . import _callable
 from ._errors import ConfigError
@@ -85,7 +85,7 @@ def build_plan(
     Raises:
         ConfigError: anything is wrong; nothing has been created then.
     """
-    is_callable = callable(entrypoint) and not isinstance(entrypoint, (str, os.PathLike))
+    is_callable = not isinstance(entrypoint, (str, os.PathLike)) and callable(entrypoint)
     n = _nprocs(nprocs, args, envs)
     per_rank_args = _per_rank_args(args, n, is_callable)
     common_env = _env(env, "env")
@@ -96,12 +96,12 @@ def build_plan(
     _check_prefix(prefix)
     grace = _grace(grace)
     work_dir = _cwd(cwd)
+    call: _callable.CallSpec | None = None
+    base_argv: tuple[str, ...] = ()
     if is_callable:
-        call = _callable.prepare(entrypoint)  # type: ignore[arg-type]
-        base_argv: tuple[str, ...] = ()
+        call = _callable.prepare(cast("Callable[..., object]", entrypoint))
     else:
-        call = None
-        base_argv = _command(entrypoint)  # type: ignore[arg-type]
+        base_argv = _command(entrypoint)
     root = _log_dir(log_dir, n)
 
     token = secrets.token_hex(8)
@@ -293,9 +293,7 @@ def _std_map(spec: object, n: int, name: str) -> dict[int, Std]:
     if isinstance(spec, Mapping):
         bad = [k for k in spec if not _is_int(k) or not 0 <= k < n]
         if bad:
-            raise ConfigError(
-                f"{name} names ranks outside 0..{n - 1}: {', '.join(map(repr, bad))}"
-            )
+            raise ConfigError(f"{name} names ranks outside 0..{n - 1}: {', '.join(map(repr, bad))}")
         out = dict.fromkeys(range(n), Std.NONE)
         for rank, value in spec.items():
             out[rank] = _std_one(value, f"{name}[{rank}]")
@@ -367,12 +365,12 @@ def _command(entrypoint: object) -> tuple[str, ...]:
     for item in argv:
         if not isinstance(item, (str, os.PathLike)):
             raise ConfigError(f"entrypoint argv holds {item!r}: every item must be a str or path")
-    out = tuple(os.fspath(a) for a in argv)
+    out = tuple(os.fspath(a) for a in argv if isinstance(a, (str, os.PathLike)))
     if not out[0]:
         raise ConfigError("entrypoint names an empty program")
     if any("\0" in a for a in out):
         raise ConfigError("entrypoint argv holds a NUL character")
-    return out  # type: ignore[return-value]
+    return out
 
 
 def _log_dir(log_dir: object, n: int) -> Path:

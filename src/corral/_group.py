@@ -18,10 +18,7 @@ import pickle
 import signal
 import time
 import warnings
-from collections.abc import Collection, Iterable, Mapping, Sequence
-from pathlib import Path
-from types import TracebackType
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from . import _platform, _reap
 from ._config import Entrypoint, GroupPlan, RankPlan, StdSpec, _grace, build_plan
@@ -32,6 +29,11 @@ from ._result import Failure, RankLogs, Result
 from ._spawn import ExecFailed, start_rank
 from ._std import Std
 from ._tee import Console
+
+if TYPE_CHECKING:
+    from collections.abc import Collection, Iterable, Mapping, Sequence
+    from pathlib import Path
+    from types import TracebackType
 
 __all__ = ("Group", "run", "spawn")
 
@@ -58,9 +60,9 @@ class _Rank:
         "after_close",
         "exec_failed",
         "exit_time",
+        "pid",
         "plan",
         "popen_returncode_sink",
-        "pid",
         "pumps",
         "returncode",
     )
@@ -199,7 +201,7 @@ class Group:
         return await self._close_shielded(None, hurry_on_cancel=False)
 
     def poll(self) -> Result | None:
-        """Return ``None`` while any rank is running, else the final :class:`Result` (never blocks)."""
+        """Return ``None`` while any rank runs, else the final :class:`Result`; never blocks."""
         if self._result is not None:
             return self._result
         if self._state is _State.NEW or self._live > 0:
@@ -241,19 +243,25 @@ class Group:
             _killpg(self._ranks[r], sig)
 
     def __repr__(self) -> str:
-        return f"<corral.Group nprocs={self.nprocs} state={self._state.name} log_dir={self.log_dir}>"
+        return (
+            f"<corral.Group nprocs={self.nprocs} state={self._state.name} log_dir={self.log_dir}>"
+        )
 
     def __del__(self, _warn: object = warnings.warn) -> None:
         if self._state in (_State.RUNNING, _State.CLOSING) and self._closer is None:
             for r in self._ranks:
                 if r.alive:
                     _killpg(r, signal.SIGKILL)
-            warnings.warn(f"unclosed {self!r}: its ranks were killed", ResourceWarning, stacklevel=1)
+            warnings.warn(
+                f"unclosed {self!r}: its ranks were killed", ResourceWarning, stacklevel=1
+            )
 
     # -- starting ---------------------------------------------------------------
     def _require_started(self, what: str) -> None:
         if self._state is _State.NEW:
-            raise CorralError(f"{what}() on a group that has not started: use 'async with spawn(...)'")
+            raise CorralError(
+                f"{what}() on a group that has not started: use 'async with spawn(...)'"
+            )
 
     async def _start(self) -> None:
         if self._state is not _State.NEW:
@@ -292,7 +300,9 @@ class Group:
                 ):
                     if pipe is None:
                         continue
-                    assert path is not None and console is not None and stream is not None
+                    assert path is not None
+                    assert console is not None
+                    assert stream is not None
                     prefix = console.render_prefix(plan.prefix, rp.rank, name)
                     pending.append(
                         asyncio.ensure_future(open_pump(rp.rank, name, pipe, path, stream, prefix))
@@ -319,7 +329,8 @@ class Group:
         r.exit_time = time.time()
         r.after_close = self._state >= _State.CLOSING
         self._live -= 1
-        assert self._settled is not None and self._exits_changed is not None
+        assert self._settled is not None
+        assert self._exits_changed is not None
         if (returncode != 0 and not r.after_close) or self._live == 0:
             self._settled.set()
         self._exits_changed.set()
@@ -403,7 +414,8 @@ class Group:
     async def _wait_dead(self, killer: _Killer, *, use_deadline: bool) -> None:
         """Wait until no rank and no tracked descendant is alive (or the deadline passes)."""
         loop = self._loop
-        assert loop is not None and self._exits_changed is not None
+        assert loop is not None
+        assert self._exits_changed is not None
         assert self._deadline_changed is not None
         while any(r.alive for r in self._ranks) or killer.live:
             timeout = None

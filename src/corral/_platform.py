@@ -6,13 +6,15 @@ Tests force the fallbacks by patching the module-level flags (``HAS_PIDFD``,
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
 import threading
-from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Callable
 
 __all__ = (
     "HAS_PIDFD",
@@ -90,9 +92,7 @@ def pidfd_open(pid: int) -> int | None:
         return None
 
 
-def watch_exit(
-    loop: asyncio.AbstractEventLoop, pid: int, callback: Callable[[int], None]
-) -> None:
+def watch_exit(loop: asyncio.AbstractEventLoop, pid: int, callback: Callable[[int], None]) -> None:
     """Call ``callback(returncode)`` on ``loop`` once child ``pid`` exits and is reaped.
 
     With pidfds the wait costs no thread: the pidfd turns readable when the

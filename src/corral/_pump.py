@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from pathlib import Path
-from typing import IO, Final
+from typing import IO, TYPE_CHECKING, Final
 
-from ._tee import ConsoleStream
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ._tee import ConsoleStream
 
 __all__ = ("CHUNK", "LINE_CAP", "Pump", "open_pump")
 
@@ -149,7 +151,11 @@ class Pump(asyncio.Protocol):
 
 
 async def open_pump(
-    rank: int, stream: str, pipe: IO[bytes], path: Path, console: ConsoleStream | None,
+    rank: int,
+    stream: str,
+    pipe: IO[bytes],
+    path: Path,
+    console: ConsoleStream | None,
     prefix: bytes,
 ) -> Pump:
     """Start pumping ``pipe`` into ``path`` (and the console when given)."""

@@ -21,11 +21,13 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from . import _platform
+
+if TYPE_CHECKING:
+    from collections.abc import Collection, Iterable
 
 __all__ = ("Member", "boot_ticks_now", "scan", "signal_member")
 

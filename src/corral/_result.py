@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import GroupFailedError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
 
 __all__ = ("Failure", "RankLogs", "Result")
 
@@ -65,8 +67,10 @@ class Failure:
         when = datetime.datetime.fromtimestamp(self.timestamp).isoformat(
             sep=" ", timespec="milliseconds"
         )
-        how = f"signal {self.signal} (exitcode {self.exitcode})" if self.signal else (
-            f"exitcode {self.exitcode}"
+        how = (
+            f"signal {self.signal} (exitcode {self.exitcode})"
+            if self.signal
+            else (f"exitcode {self.exitcode}")
         )
         pid = "never started" if self.pid is None else f"pid {self.pid}"
         lines = [f"rank {self.rank} ({pid}) failed at {when}: {how}", f"  {self.message}"]
@@ -143,9 +147,7 @@ class Result:
         others = [f for f in sorted(self.failures.values(), key=lambda f: f.rank) if f is not root]
         if others:
             lines += ["", "other failures:"]
-            lines += [
-                f"  rank {f.rank} (pid {f.pid}): {f.message}" for f in others
-            ]
+            lines += [f"  rank {f.rank} (pid {f.pid}): {f.message}" for f in others]
         if self.terminated:
             lines += ["", f"terminated by corral: ranks {_ranges(self.terminated)}"]
         if self.log_dir is not None:

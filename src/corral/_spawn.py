@@ -16,10 +16,12 @@ import errno
 import os
 import subprocess
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-from ._config import GroupPlan, RankPlan
 from ._std import Std
+
+if TYPE_CHECKING:
+    from ._config import GroupPlan, RankPlan
 
 __all__ = ("ExecFailed", "Started", "start_rank")
 

@@ -71,9 +71,7 @@ def _value(token: str, spec: str) -> Std:
         return Std(_NAMES[lowered])
     if lowered.isdigit() and lowered.isascii() and int(lowered) <= 3:
         return Std(int(lowered))
-    raise ConfigError(
-        f"unknown Std value {token!r} in {spec!r}: use 0-3 or none, out, err, all"
-    )
+    raise ConfigError(f"unknown Std value {token!r} in {spec!r}: use 0-3 or none, out, err, all")
 
 
 Std.__module__ = "corral"

@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import IO, Final
+from typing import IO, Final, cast
 
 __all__ = ("Console", "ConsoleStream")
 
@@ -48,9 +48,9 @@ class ConsoleStream:
             with self.lock:
                 target = self.target
                 if isinstance(target, _BINARY):
-                    target.write(data)  # type: ignore[arg-type]
+                    target.write(data)
                 else:
-                    target.write(data.decode("utf-8", "replace"))  # type: ignore[arg-type]
+                    cast("IO[str]", target).write(data.decode("utf-8", "replace"))
                 target.flush()
         except (BrokenPipeError, ValueError, OSError) as exc:
             # The console went away (`corral run ... | head -1`) or was closed:
@@ -129,4 +129,3 @@ def _wants_color(stream: object) -> bool:
         return bool(isatty()) if isatty is not None else False
     except (OSError, ValueError):
         return False
-
