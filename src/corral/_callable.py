@@ -1,73 +1,211 @@
-"""Prepare a Python callable to run as a rank (see ``_child`` for the other side).
+"""Prepare a Python callable to run as a rank (``_child`` is the other side).
 
-A callable rank is a fresh interpreter running ``python -m corral._child CALL RESULT``:
-``CALL`` is a pickle of ``(fn, args)`` written to the rank's folder, ``RESULT``
-the file the child leaves its pickled return value in. Files, not pipes, so a
+A callable rank is a fresh interpreter running the bootstrap file by path,
+``python -P .../corral/_child.py CALL RESULT``, through the same ``start_rank``
+path as a command (same env layering, logs, tee, close). ``CALL`` is written to
+the rank's folder: a header (this process's ``sys.path`` and ``sys.argv``, how
+to import its main module) and the pickle of ``(fn, args)``. ``RESULT`` is the
+file the child leaves its pickled return value in. Files, not pipes, so a
 return value of any size can never fill a buffer and deadlock either side.
+
+What can be sent: anything ``pickle`` sends by reference or by value. A
+function travels *by reference* (module and qualified name), so it must be
+importable by name from a fresh interpreter: a module-level function of an
+importable module, or of the main script (imported in the child as
+``__mp_main__``, as multiprocessing's spawn does). Lambdas, nested functions
+and closures, and arguments that cannot be pickled, are refused here with a
+``ConfigError`` naming them, before any process starts.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import pickle
+import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from ._errors import ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
-    from pathlib import Path
+    from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ("CallSpec", "prepare")
+__all__ = ("CALL_FILE", "RESULT_FILE", "CallSpec", "load_result", "prepare")
 
 CALL_FILE: Final = "call.pkl"
 RESULT_FILE: Final = "result.pkl"
+#: The bootstrap, run by path so the ``corral`` package is not imported before user code.
+BOOTSTRAP: Final = str(Path(__file__).with_name("_child.py"))
+_PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
+_REPR_MAX: Final = 80
 
 
 @dataclass(frozen=True, slots=True)
 class CallSpec:
-    """A callable that has been checked to be sendable to a child interpreter."""
+    """A callable whose per-rank calls have been pickled (so they can be sent)."""
 
     fn: Callable[..., object]
     name: str
+    #: rank -> the pickled ``(header, (fn, args))`` call file content.
+    payloads: Mapping[int, bytes]
+    #: Interpreter flags of this process (``-X``, ``-W``, ``-O``...), passed on as
+    #: multiprocessing does.
+    flags: tuple[str, ...]
 
     def rank_argv(
         self, rank: int, args: Sequence[object], rank_dir: Path
     ) -> tuple[tuple[str, ...], Path]:
         """Write the rank's call file and return its argv and result-file path.
 
-        Raises:
-            ConfigError: an argument cannot be pickled (names the rank and argument).
+        ``args`` is the rank's arguments, already pickled by :func:`prepare`.
         """
-        try:
-            payload = pickle.dumps((self.fn, tuple(args)), protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:
-            raise ConfigError(
-                f"args[{rank}] for {self.name} cannot be sent to the rank: {exc}"
-            ) from exc
+        del args  # pickled by prepare(), before anything was created
         call_file = rank_dir / CALL_FILE
-        call_file.write_bytes(payload)
+        call_file.write_bytes(self.payloads[rank])
         result_file = rank_dir / RESULT_FILE
-        argv = (sys.executable, "-m", "corral._child", str(call_file), str(result_file))
+        argv = (sys.executable, *self.flags, "-P", BOOTSTRAP, str(call_file), str(result_file))
         return argv, result_file
 
 
-def prepare(fn: Callable[..., object]) -> CallSpec:
-    """Check that ``fn`` can be sent to a fresh interpreter (pickled by reference).
+def _short(obj: object) -> str:
+    try:
+        text = repr(obj)
+    except Exception:
+        text = f"<{type(obj).__name__} object>"
+    return text if len(text) <= _REPR_MAX else text[: _REPR_MAX - 3] + "..."
+
+
+def _describe_fn(fn: object) -> str:
+    name = getattr(fn, "__qualname__", None) or _short(fn)
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        return f"{name!r} ({code.co_filename}:{code.co_firstlineno})"
+    return repr(name)
+
+
+def _main_header() -> dict[str, object]:
+    """How the child imports this process's main module, and with which sys.path."""
+    cwd = os.getcwd()
+    sys_path = [os.path.join(cwd, p) if not os.path.isabs(p) else p for p in sys.path]
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    main_name = getattr(spec, "name", None)
+    main_path = getattr(main, "__file__", None)
+    if main_name is not None and main_name.endswith("__mp_main__"):
+        main_name = None
+    if isinstance(main_path, str):
+        main_path = os.path.normpath(os.path.join(cwd, main_path))
+    else:
+        main_path = None
+    return {
+        "sys_path": sys_path,
+        "sys_argv": list(sys.argv),
+        "main_name": main_name,
+        "main_path": main_path,
+    }
+
+
+def _check_fn(fn: Callable[..., object]) -> str:
+    name = getattr(fn, "__qualname__", None) or _short(fn)
+    where = _describe_fn(fn)
+    if "<lambda>" in name:
+        raise ConfigError(
+            f"cannot run the lambda {where} as a rank: a fresh interpreter imports the "
+            "function by name, and a lambda has none; use a module-level def"
+        )
+    if "<locals>" in name:
+        raise ConfigError(
+            f"cannot run {where} as a rank: it is defined inside another function "
+            "(a nested function or closure), so a fresh interpreter cannot import it; "
+            "define it at module level and pass what it captures as args"
+        )
+    module = getattr(fn, "__module__", None)
+    if module in ("__main__", "__mp_main__"):
+        header = _main_header()
+        if header["main_name"] is None and header["main_path"] is None:
+            raise ConfigError(
+                f"cannot run {where} as a rank: it is defined in __main__, which has no "
+                "file (an interactive session, a notebook or python -c); define it in a "
+                "module the ranks can import"
+            )
+    try:
+        pickle.dumps(fn, protocol=_PROTOCOL)
+    except Exception as exc:
+        raise ConfigError(f"cannot run {where} as a rank: it cannot be pickled ({exc})") from exc
+    return name
+
+
+def _pickle_call(
+    header: Mapping[str, object], fn: Callable[..., object], args: tuple[object, ...]
+) -> bytes:
+    buf = io.BytesIO()
+    pickle.dump(dict(header), buf, protocol=_PROTOCOL)
+    pickle.dump((fn, args), buf, protocol=_PROTOCOL)
+    return buf.getvalue()
+
+
+def prepare(fn: Callable[..., object], per_rank_args: Mapping[int, Sequence[object]]) -> CallSpec:
+    """Check that ``fn`` and every rank's arguments can be sent, and pickle them.
 
     Raises:
-        ConfigError: ``fn`` is a lambda, a closure, a nested function or is
-            otherwise not importable by name from a child interpreter.
+        ConfigError: ``fn`` is a lambda, a nested function or closure, is defined
+            in a ``__main__`` without a file, or cannot be pickled; or an
+            argument cannot be pickled (the message names the rank and position).
     """
-    name = getattr(fn, "__qualname__", None) or repr(fn)
-    if "<lambda>" in name or "<locals>" in name:
-        raise ConfigError(
-            f"cannot run {name!r} as a rank: a lambda or a nested function cannot be "
-            "imported by a fresh interpreter; define it at module level"
-        )
+    name = _check_fn(fn)
+    header = _main_header()
+    payloads: dict[int, bytes] = {}
+    by_args: dict[int, bytes] = {}  # a shared args tuple is pickled once
+    for rank, rank_args in per_rank_args.items():
+        key = id(rank_args)
+        if key in by_args:
+            payloads[rank] = by_args[key]
+            continue
+        args = tuple(rank_args)
+        try:
+            payload = _pickle_call(header, fn, args)
+        except Exception as exc:
+            raise ConfigError(_bad_args(name, rank, args, exc)) from exc
+        payloads[rank] = by_args[key] = payload
+    flags = tuple(subprocess._args_from_interpreter_flags())  # type: ignore[attr-defined]
+    return CallSpec(fn=fn, name=name, payloads=payloads, flags=flags)
+
+
+def _bad_args(name: str, rank: int, args: tuple[object, ...], exc: Exception) -> str:
+    """Name the argument that cannot be pickled."""
+    for i, arg in enumerate(args):
+        try:
+            pickle.dumps(arg, protocol=_PROTOCOL)
+        except Exception as arg_exc:
+            return (
+                f"args for rank {rank} of {name}: argument {i} ({_short(arg)}) cannot be "
+                f"sent to the rank: {arg_exc}. Arguments are pickled: pass plain data or "
+                "module-level functions and classes (no lambdas, closures, locks, open files)"
+            )
+    return f"args for rank {rank} of {name} cannot be sent to the rank: {exc}"
+
+
+class _ResultUnpickler(pickle.Unpickler):
+    """Maps the child's ``__mp_main__`` (our main script there) back to ``__main__``."""
+
+    def find_class(self, module_name: str, name: str) -> object:
+        if module_name == "__mp_main__" and "__mp_main__" not in sys.modules:
+            module_name = "__main__"
+        return super().find_class(module_name, name)
+
+
+def load_result(path: Path) -> object:
+    """Load a rank's return value; ``None`` when it wrote none (void function).
+
+    Raises:
+        Exception: the file exists but cannot be unpickled here.
+    """
     try:
-        pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
-        raise ConfigError(f"cannot run {name!r} as a rank: it cannot be pickled ({exc})") from exc
-    return CallSpec(fn=fn, name=name)
+        f = open(path, "rb")  # noqa: SIM115 - closed below; FileNotFoundError is the void case
+    except FileNotFoundError:
+        return None
+    with f:
+        return _ResultUnpickler(f).load()

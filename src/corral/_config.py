@@ -99,7 +99,7 @@ def build_plan(
     call: _callable.CallSpec | None = None
     base_argv: tuple[str, ...] = ()
     if is_callable:
-        call = _callable.prepare(cast("Callable[..., object]", entrypoint))
+        call = _callable.prepare(cast("Callable[..., object]", entrypoint), per_rank_args)
     else:
         base_argv = _command(entrypoint)
     root = _log_dir(log_dir, n)

@@ -14,13 +14,13 @@ import asyncio
 import enum
 import logging
 import os
-import pickle
 import signal
 import time
 import warnings
 from typing import TYPE_CHECKING, Final
 
 from . import _platform, _reap
+from ._callable import load_result
 from ._config import Entrypoint, GroupPlan, RankPlan, StdSpec, _grace, build_plan
 from ._errors import ConfigError, CorralError
 from ._pump import Pump, open_pump
@@ -505,15 +505,21 @@ class Group:
         )
 
     def _failure(self, r: _Rank, code: int, message: str | None = None) -> Failure:
+        """Build rank ``r``'s Failure: the error file, when there is one, explains it."""
         sig = _signal_name(-code) if code < 0 else None
         info = read_error_file(r.plan.logs.error_file)
-        if message is None:
-            message = f"killed by {sig}" if sig else f"exited with code {code}"
         timestamp = r.exit_time or time.time()
-        if info is not None:
-            message = info.message
-            if info.timestamp is not None:
-                timestamp = info.timestamp
+        if message is None:
+            if info is not None:
+                message = info.message
+            elif sig:
+                message = f"killed by {sig}"
+            else:
+                message = f"exited with code {code}"
+        if info is not None and info.timestamp is not None:
+            # When the exception happened, not when its exit was seen: the root
+            # cause among ranks that failed close together is the first to raise.
+            timestamp = info.timestamp
         return Failure(
             rank=r.plan.rank,
             pid=r.pid,
@@ -528,16 +534,20 @@ class Group:
         )
 
     def _return_value(self, r: _Rank) -> tuple[object, Failure | None]:
+        """Load a callable rank's return value (None for void and for commands)."""
         path = r.plan.result_file
         if path is None:
             return None, None
         try:
-            with open(path, "rb") as f:
-                return pickle.load(f), None
-        except FileNotFoundError:
-            return None, None
+            return load_result(path), None
         except Exception as exc:
-            return None, self._failure(r, 0, f"its return value could not be loaded: {exc!r}")
+            name = type(exc).__qualname__
+            return None, self._failure(
+                r,
+                0,
+                f"its return value was pickled but cannot be loaded by the supervisor "
+                f"({name}: {exc}); return types the supervisor can import",
+            )
 
 
 def _exit_callback(group: Group, r: _Rank, popen: object) -> _ExitCallback:

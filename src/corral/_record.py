@@ -1,35 +1,58 @@
 """Error files: ``record`` writes them, the supervisor reads them.
 
 corral's format is a JSON object ``{"message", "type", "traceback",
-"timestamp"}``. PyTorch's ``@record`` writes ``{"message": {"message": ...,
-"extraInfo": {"py_callstack": ..., "timestamp": ...}}}``; both are read.
+"timestamp"}`` (``message`` is ``"Type: message"``, ``timestamp`` float
+seconds since the epoch). PyTorch's ``@record`` writes ``{"message":
+{"message": ..., "extraInfo": {"py_callstack": ..., "timestamp": ...}}}``
+(its timestamp a string of whole seconds); both are read, without torch.
+The writer lives in ``_child`` so that callable ranks share it without
+importing the ``corral`` package.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
+import math
 import os
-import time
-import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
+
+from ._child import (
+    ERROR_FILE_VARS,
+    error_file_path,
+    error_record,
+    is_recorded,
+    mark_recorded,
+    write_error_record,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from pathlib import Path
 
-__all__ = ("ErrorInfo", "read_error_file", "record", "write_error_file")
+__all__ = ("ERROR_FILE_VARS", "ErrorInfo", "read_error_file", "record", "write_error_file")
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-ERROR_FILE_VARS = ("CORRAL_ERROR_FILE", "TORCHELASTIC_ERROR_FILE")
+#: ``Failure.message`` is one line; longer messages are cut (the file keeps all).
+MESSAGE_MAX: Final = 500
+#: Error files larger than this are not parsed (a runaway writer).
+ERROR_FILE_MAX: Final = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
-    """What an error file says."""
+    """What an error file says.
+
+    Attributes:
+        content: the parsed JSON object.
+        message: one line, ``"Type: message"``.
+        traceback: the recorded traceback text, if any.
+        timestamp: when the error was recorded (seconds since the epoch), if known.
+    """
 
     content: Mapping[str, Any]
     message: str
@@ -37,51 +60,94 @@ class ErrorInfo:
     timestamp: float | None
 
 
-def write_error_file(exc: BaseException, path: str | os.PathLike[str] | None = None) -> None:
-    """Write ``exc`` as corral's JSON error record (to the rank's error file by default)."""
-    if path is None:
-        path = next((os.environ[v] for v in ERROR_FILE_VARS if os.environ.get(v)), None)
-        if path is None:
-            return
-    record_ = {
-        "message": f"{type(exc).__name__}: {exc}",
-        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "traceback": "".join(traceback.format_exception(exc)),
-        "timestamp": time.time(),
-    }
-    tmp = f"{os.fspath(path)}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record_, f)
-    os.replace(tmp, path)
+def write_error_file(exc: BaseException, path: str | os.PathLike[str] | None = None) -> bool:
+    """Write ``exc`` as corral's JSON error record.
+
+    Args:
+        exc: the exception to record.
+        path: where; by default the rank's error file (``CORRAL_ERROR_FILE``,
+            else ``TORCHELASTIC_ERROR_FILE``).
+
+    Returns:
+        True when written; False when there is no error file to write or it
+        could not be written (recording must never hide the original error).
+    """
+    target = os.fspath(path) if path is not None else error_file_path()
+    if target is None:
+        return False
+    written = write_error_record(error_record(exc), target)
+    if written:
+        mark_recorded(exc)
+    return written
+
+
+def _record_exc(exc: BaseException) -> None:
+    if not isinstance(exc, (SystemExit, KeyboardInterrupt)) and not is_recorded(exc):
+        write_error_file(exc)
 
 
 def record(fn: Callable[P, R]) -> Callable[P, R]:
-    """Decorate a rank's entry function so an uncaught exception is recorded.
+    """Decorate a rank's entry function so that an uncaught exception is recorded.
 
     The exception is written as JSON (``message``, ``type``, ``traceback``,
     ``timestamp``) to the file named by ``CORRAL_ERROR_FILE`` (or
-    ``TORCHELASTIC_ERROR_FILE``), then re-raised, so the process still exits
-    non-zero with Python's usual traceback on stderr. ``SystemExit`` and
-    ``KeyboardInterrupt`` pass through unrecorded.
+    ``TORCHELASTIC_ERROR_FILE``), which corral sets for every rank, then
+    re-raised: the process still prints Python's traceback and exits
+    non-zero, and the supervisor's ``Failure`` carries the exception's type,
+    message, traceback and time. ``SystemExit`` and ``KeyboardInterrupt``
+    pass through unrecorded. Outside corral (no such variable) it does
+    nothing. Works on ``async def`` functions too. An exception already
+    recorded by an inner ``record`` is not written again.
+
+    Example::
+
+        @corral.record
+        def main() -> None:
+            ...
+
+        if __name__ == "__main__":
+            main()
     """
+    if inspect.iscoroutinefunction(fn):
+        async_fn = cast("Callable[P, Any]", fn)
+
+        @functools.wraps(fn)
+        async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+            try:
+                return await async_fn(*args, **kwargs)
+            except BaseException as exc:
+                _record_exc(exc)
+                raise
+
+        return cast("Callable[P, R]", async_wrapper)
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
-        except (SystemExit, KeyboardInterrupt):
-            raise
         except BaseException as exc:
-            write_error_file(exc)
+            _record_exc(exc)
             raise
 
     return wrapper
 
 
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    line = lines[0] if len(lines) == 1 else f"{lines[0]} [...]"
+    if len(line) > MESSAGE_MAX:
+        line = line[: MESSAGE_MAX - 3] + "..."
+    return line
+
+
 def read_error_file(path: Path) -> ErrorInfo | None:
-    """Parse corral's or PyTorch's error-file format; None if absent or unreadable."""
+    """Parse corral's or PyTorch's error-file format; ``None`` if absent or unreadable."""
     try:
         with open(path, encoding="utf-8") as f:
+            if os.fstat(f.fileno()).st_size > ERROR_FILE_MAX:
+                return None
             content = json.load(f)
     except (OSError, ValueError):
         return None
@@ -91,30 +157,34 @@ def read_error_file(path: Path) -> ErrorInfo | None:
     if isinstance(message, dict):  # PyTorch's @record format
         extra = message.get("extraInfo")
         extra = extra if isinstance(extra, dict) else {}
-        text = str(message.get("message", "")).strip()
+        text = str(message.get("message") or "")
         tb = extra.get("py_callstack")
-        ts = extra.get("timestamp")
-        first = text.splitlines()[-1] if text else "error recorded (no message)"
         return ErrorInfo(
             content=content,
-            message=first,
+            message=_one_line(text) or "error recorded (no message)",
             traceback=str(tb) if tb else (text or None),
-            timestamp=_float(ts),
+            timestamp=_float(extra.get("timestamp", content.get("timestamp"))),
         )
-    tb = content.get("traceback")
+    tb = content.get("traceback") or content.get("errorTraceback")
     return ErrorInfo(
         content=content,
-        message=str(message) if message else "error recorded (no message)",
+        message=_one_line(str(message or "")) or "error recorded (no message)",
         traceback=str(tb) if tb else None,
         timestamp=_float(content.get("timestamp")),
     )
 
 
 def _float(value: object) -> float | None:
-    try:
-        return float(value) if value is not None else None  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    """A timestamp as float seconds: accepts numbers and numeric strings (PyTorch's)."""
+    if isinstance(value, bool) or value is None:
         return None
+    if not isinstance(value, (int, float, str)):
+        return None
+    try:
+        result = float(value)
+    except ValueError:
+        return None
+    return result if math.isfinite(result) and result > 0 else None
 
 
 record.__module__ = "corral"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ._errors import GroupFailedError
 
@@ -13,6 +13,12 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 __all__ = ("Failure", "RankLogs", "Result")
+
+#: How much of a failure ``describe()`` shows.
+TRACEBACK_LINES: Final = 40
+STDERR_TAIL_LINES: Final = 10
+TAIL_BYTES: Final = 8192
+LINE_MAX: Final = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,30 +69,39 @@ class Failure:
     logs: RankLogs | None = None
 
     def describe(self) -> str:
-        """Return a few readable lines: what failed, how, where its logs are."""
-        when = datetime.datetime.fromtimestamp(self.timestamp).isoformat(
-            sep=" ", timespec="milliseconds"
-        )
-        how = (
-            f"signal {self.signal} (exitcode {self.exitcode})"
-            if self.signal
-            else (f"exitcode {self.exitcode}")
-        )
+        """Return a few readable lines: what failed, how, when, the traceback, the logs.
+
+        Without a traceback (no error file), the last lines of the rank's
+        stderr log are shown instead, when it has one.
+        """
         pid = "never started" if self.pid is None else f"pid {self.pid}"
-        lines = [f"rank {self.rank} ({pid}) failed at {when}: {how}", f"  {self.message}"]
+        lines = [
+            f"rank {self.rank} ({pid}) {self.how()} at {_clock(self.timestamp)}",
+        ]
+        if self.message not in (f"exited with code {self.exitcode}", f"killed by {self.signal}"):
+            lines.append(f"  {self.message}")
         if self.traceback:
-            lines.append("  traceback:")
-            lines.extend("    " + line for line in self.traceback.rstrip().splitlines())
-        if self.logs is not None:
-            for name, path in (
-                ("stdout", self.logs.stdout),
-                ("stderr", self.logs.stderr),
-            ):
-                if path is not None:
-                    lines.append(f"  {name}: {path}")
+            lines.extend(_indent(_cut(self.traceback.rstrip().splitlines(), TRACEBACK_LINES)))
+        elif self.logs is not None and self.logs.stderr is not None:
+            tail = _tail(self.logs.stderr, STDERR_TAIL_LINES)
+            if tail:
+                lines.append(f"  last lines of {self.logs.stderr.name}:")
+                lines.extend(_indent(tail))
         if self.error_file is not None:
             lines.append(f"  error file: {self.error_file}")
+        if self.logs is not None:
+            for name, path in (("stdout", self.logs.stdout), ("stderr", self.logs.stderr)):
+                if path is not None:
+                    lines.append(f"  {name}: {path}")
         return "\n".join(lines)
+
+    def how(self) -> str:
+        """How the rank ended, e.g. ``"exited with code 1"`` or ``"was killed by SIGSEGV"``."""
+        if self.signal:
+            return f"was killed by {self.signal} (exitcode {self.exitcode})"
+        if self.pid is None:
+            return f"could not start (exitcode {self.exitcode})"
+        return f"exited with code {self.exitcode}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,27 +147,92 @@ class Result:
             raise GroupFailedError(self)
 
     def describe(self) -> str:
-        """Return a readable account: the root cause first, then the others."""
+        """Return a readable account: a summary line, the root cause in full, then the rest.
+
+        Example (the text of ``GroupFailedError``)::
+
+            rank 1 failed first (2 of 4 ranks failed): ValueError: bad batch 7
+
+            root cause: rank 1 (pid 4242) exited with code 1 at 2026-01-02 10:00:00.123
+              ValueError: bad batch 7
+              Traceback (most recent call last):
+                File "train.py", line 12, in train
+                  ...
+              ValueError: bad batch 7
+              error file: /tmp/corral-x/1/error.json
+              stderr: /tmp/corral-x/1/stderr.log
+
+            other failures:
+              rank 3 (pid 4244) was killed by SIGSEGV (exitcode -11), 0.004 s later
+            terminated by corral: ranks 0,2
+            logs: /tmp/corral-x
+        """
         root = self.root_cause
         if root is None:
             if self.terminated:
                 return f"no rank failed; ranks {_ranges(self.terminated)} were terminated by close"
             return "every rank succeeded"
         n = len(self.exit_codes)
+        count = len(self.failures)
+        first = "failed" if count == 1 else f"failed first ({count} of {n} ranks failed)"
         lines = [
-            f"{len(self.failures)} of {n} rank(s) failed; root cause: rank {root.rank}",
+            f"rank {root.rank} {first}: {root.message}",
             "",
-            root.describe(),
+            "root cause: " + root.describe(),
         ]
-        others = [f for f in sorted(self.failures.values(), key=lambda f: f.rank) if f is not root]
+        others = sorted(
+            (f for f in self.failures.values() if f is not root),
+            key=lambda f: (f.timestamp, f.rank),
+        )
         if others:
             lines += ["", "other failures:"]
-            lines += [f"  rank {f.rank} (pid {f.pid}): {f.message}" for f in others]
+            for f in others:
+                pid = "never started" if f.pid is None else f"pid {f.pid}"
+                later = f.timestamp - root.timestamp
+                line = f"  rank {f.rank} ({pid}) {f.how()}, {later:.3f} s later"
+                if f.error is not None:
+                    line += f": {f.message}"
+                lines.append(line)
         if self.terminated:
-            lines += ["", f"terminated by corral: ranks {_ranges(self.terminated)}"]
+            lines.append(f"terminated by corral: ranks {_ranges(self.terminated)}")
         if self.log_dir is not None:
-            lines += [f"logs: {self.log_dir}"]
+            lines.append(f"logs: {self.log_dir}")
         return "\n".join(lines)
+
+
+def _clock(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec="milliseconds")
+
+
+def _indent(lines: list[str]) -> list[str]:
+    return ["    " + line for line in lines]
+
+
+def _cut(lines: list[str], keep: int) -> list[str]:
+    """Keep the first line and the last ``keep - 1`` lines (the raise is at the end)."""
+    if len(lines) <= keep:
+        return lines
+    return [
+        lines[0],
+        f"... ({len(lines) - keep + 1} lines cut, see the error file) ...",
+        *lines[-(keep - 1) :],
+    ]
+
+
+def _tail(path: Path, count: int) -> list[str]:
+    """The last ``count`` non-empty lines of a log file (read from its end only)."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - TAIL_BYTES))
+            data = f.read()
+    except OSError:
+        return []
+    lines = [line.rstrip() for line in data.decode("utf-8", "replace").splitlines()]
+    lines = [line[:LINE_MAX] for line in lines if line.strip()]
+    if size > TAIL_BYTES and lines:
+        lines = lines[1:]  # probably a partial line
+    return lines[-count:]
 
 
 def _ranges(ranks: frozenset[int] | set[int]) -> str:

@@ -1,0 +1,83 @@
+"""Module-level functions run as callable ranks by tests/test_callable.py.
+
+Kept in their own small module (not the test module) so a rank imports only
+this file, not pytest.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+
+def add(a: int, b: int) -> dict[str, object]:
+    """Return the sum and what the rank saw of its environment."""
+    return {
+        "sum": a + b,
+        "rank": int(os.environ["RANK"]),
+        "world": int(os.environ["WORLD_SIZE"]),
+        "extra": os.environ.get("EXTRA"),
+        "per_rank": os.environ.get("PER_RANK"),
+    }
+
+
+def void(text: str) -> None:
+    """Print to stdout and stderr and return nothing."""
+    print(f"out: {text}")
+    print(f"err: {text}", file=sys.stderr)
+
+
+def big(n_bytes: int, fill: int) -> bytes:
+    """Return ``n_bytes`` bytes of ``fill``."""
+    return bytes([fill]) * n_bytes
+
+
+class BadInput(ValueError):
+    """A user-defined exception type."""
+
+
+def fail(text: str) -> None:
+    """Raise with a message after a nested call (so the traceback has depth)."""
+    _inner(text)
+
+
+def _inner(text: str) -> None:
+    raise BadInput(f"bad input: {text}")
+
+
+def fail_after_file(path: str, text: str) -> None:
+    """Wait for ``path`` to exist, then raise (orders failures between ranks)."""
+    while not os.path.exists(path):
+        time.sleep(0.005)
+    raise RuntimeError(text)
+
+
+def fail_then_signal(path: str) -> None:
+    """Raise after creating ``path``... at exit (a recorded failure, then another rank goes)."""
+    raise RuntimeError(f"first: {path}")
+
+
+def exit_with(code: int) -> None:
+    """Leave through SystemExit(code)."""
+    raise SystemExit(code)
+
+
+def return_lock() -> object:
+    """Return a value pickle refuses."""
+    return threading.Lock()
+
+
+def return_none() -> None:
+    """Return nothing."""
+
+
+def interrupt() -> None:
+    """An uncaught KeyboardInterrupt, as if Ctrl-C reached a normal program."""
+    raise KeyboardInterrupt
+
+
+def modules() -> list[str]:
+    """The modules the rank had imported when its function started."""
+    return sorted(sys.modules)
