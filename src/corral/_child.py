@@ -65,15 +65,22 @@ def _exc_text(exc: BaseException) -> str:
         return f"<{type(exc).__name__}.__str__ failed>"
 
 
-def error_record(exc: BaseException, context: str | None = None) -> dict[str, object]:
+def error_record(
+    exc: BaseException, context: str | None = None, skip_frames: int = 0
+) -> dict[str, object]:
     """corral's JSON error record for ``exc``: ``message``, ``type``, ``traceback``, ``timestamp``.
 
     ``message`` is ``"Type: message"`` (just ``"Type"`` when the message is empty),
-    prefixed by ``context`` when given.
+    prefixed by ``context`` when given. ``skip_frames`` drops that many frames
+    (a wrapper's own) from the top of the recorded traceback.
     """
     import time
     import traceback
 
+    tb = exc.__traceback__
+    for _ in range(skip_frames):
+        if tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
     name = type(exc).__qualname__
     text = _exc_text(exc)
     message = f"{name}: {text}" if text else name
@@ -82,7 +89,7 @@ def error_record(exc: BaseException, context: str | None = None) -> dict[str, ob
     return {
         "message": message,
         "type": f"{type(exc).__module__}.{name}",
-        "traceback": "".join(traceback.format_exception(exc)),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, tb)),
         "timestamp": time.time(),
     }
 
@@ -223,9 +230,10 @@ def main(argv: list[str]) -> None:
     """Run the call described by ``argv[1]``; leave its return value in ``argv[2]``."""
     call_file, result_file = argv[1], argv[2]
     # Prompt logs: line-buffered stdout even into a file or pipe (-u/PYTHONUNBUFFERED win).
+    stdout: Any = sys.stdout
     try:
-        if not sys.stdout.write_through:  # type: ignore[attr-defined]
-            sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+        if not stdout.write_through:
+            stdout.reconfigure(line_buffering=True)
     except (AttributeError, ValueError):
         pass
     try:

@@ -60,13 +60,16 @@ class ErrorInfo:
     timestamp: float | None
 
 
-def write_error_file(exc: BaseException, path: str | os.PathLike[str] | None = None) -> bool:
+def write_error_file(
+    exc: BaseException, path: str | os.PathLike[str] | None = None, *, skip_frames: int = 0
+) -> bool:
     """Write ``exc`` as corral's JSON error record.
 
     Args:
         exc: the exception to record.
         path: where; by default the rank's error file (``CORRAL_ERROR_FILE``,
             else ``TORCHELASTIC_ERROR_FILE``).
+        skip_frames: frames to drop from the top of the recorded traceback.
 
     Returns:
         True when written; False when there is no error file to write or it
@@ -75,7 +78,7 @@ def write_error_file(exc: BaseException, path: str | os.PathLike[str] | None = N
     target = os.fspath(path) if path is not None else error_file_path()
     if target is None:
         return False
-    written = write_error_record(error_record(exc), target)
+    written = write_error_record(error_record(exc, skip_frames=skip_frames), target)
     if written:
         mark_recorded(exc)
     return written
@@ -83,7 +86,7 @@ def write_error_file(exc: BaseException, path: str | os.PathLike[str] | None = N
 
 def _record_exc(exc: BaseException) -> None:
     if not isinstance(exc, (SystemExit, KeyboardInterrupt)) and not is_recorded(exc):
-        write_error_file(exc)
+        write_error_file(exc, skip_frames=1)  # not the wrapper's own frame
 
 
 def record(fn: Callable[P, R]) -> Callable[P, R]:
