@@ -1,7 +1,7 @@
 """Prepare a Python callable to run as a rank (``_child`` is the other side).
 
-A callable rank is a fresh interpreter running the bootstrap file by path,
-``python -P .../corral/_child.py CALL RESULT``, through the same ``start_rank``
+A callable rank is a fresh interpreter running the bootstrap module ``_child``
+(``python -P -c <load corral/_child.py> CALL RESULT``), through the same ``start_rank``
 path as a command (same env layering, logs, tee, close). ``CALL`` is written to
 the rank's folder: a header (this process's ``sys.path`` and ``sys.argv``, how
 to import its main module) and the pickle of ``(fn, args)``. ``RESULT`` is the
@@ -37,8 +37,16 @@ __all__ = ("CALL_FILE", "RESULT_FILE", "CallSpec", "load_result", "prepare")
 
 CALL_FILE: Final = "call.pkl"
 RESULT_FILE: Final = "result.pkl"
-#: The bootstrap, run by path so the ``corral`` package is not imported before user code.
+#: The bootstrap module. It is loaded from its cached bytecode by a one-line
+#: ``-c`` program (as multiprocessing's spawn does), not with ``-m corral._child``,
+#: so the ``corral`` package (asyncio, subprocess, logging: ~65 ms) is not
+#: imported before user code, and not by path, which would recompile it (~2 ms).
 BOOTSTRAP: Final = str(Path(__file__).with_name("_child.py"))
+_BOOT_CODE: Final = (
+    "import sys,_frozen_importlib_external as x;n='corral._child';p={path!r};"
+    "g={{'__name__':n,'__file__':p}};"
+    "exec(x.SourceFileLoader(n,p).get_code(n),g);g['main'](sys.argv)"
+)
 _PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
 _REPR_MAX: Final = 80
 
@@ -66,7 +74,8 @@ class CallSpec:
         call_file = rank_dir / CALL_FILE
         call_file.write_bytes(self.payloads[rank])
         result_file = rank_dir / RESULT_FILE
-        argv = (sys.executable, *self.flags, "-P", BOOTSTRAP, str(call_file), str(result_file))
+        boot = _BOOT_CODE.format(path=BOOTSTRAP)
+        argv = (sys.executable, *self.flags, "-P", "-c", boot, str(call_file), str(result_file))
         return argv, result_file
 
 

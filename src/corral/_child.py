@@ -1,11 +1,13 @@
 """Bootstrap of a callable rank, and the error-record format it shares with ``record``.
 
-The supervisor runs this file *by path*: ``python -P .../corral/_child.py CALL
-RESULT``. Running it by path (not ``-m corral._child``) means the ``corral``
-package ``__init__`` (asyncio, subprocess, logging...) is never imported before
-the user's code: the bootstrap costs only ``sys``, ``os`` and the C ``_pickle``
-module on top of a bare interpreter. Hence this module imports nothing from
-corral and only the standard library, lazily on the error path.
+The supervisor runs ``python -P -c <code> CALL RESULT``, where the one-line
+program loads this file from its cached bytecode and calls ``main(sys.argv)``
+(running the file by path also works, but recompiles it every time). Either
+way the ``corral`` package ``__init__`` (asyncio, subprocess, logging...) is
+never imported before the user's code: the bootstrap costs only ``sys``,
+``os`` and the C ``_pickle`` module on top of a bare interpreter. Hence this
+module imports nothing from corral and only the standard library, lazily on
+the error path.
 
 ``CALL`` holds two pickles: a header of plain values (the parent's ``sys.path``
 and ``sys.argv``, how to import its main module), then ``(fn, args)``. Like
