@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import os
@@ -44,6 +45,20 @@ async def test_return_values_per_rank_args_and_env(tmp_path: Path) -> None:
         1: {"sum": 30, "rank": 1, "world": 3, "extra": "common", "per_rank": "b"},
         2: {"sum": 300, "rank": 2, "world": 3, "extra": "common", "per_rank": "c"},
     }
+
+
+async def test_partial_and_async_functions(tmp_path: Path) -> None:
+    """A functools.partial is sent by value; an ``async def`` runs under asyncio.run."""
+    async with asyncio.timeout(20):
+        partial = await corral.run(
+            functools.partial(fns.add, 5), nprocs=2, args=(6,), log_dir=tmp_path / "p"
+        )
+        coro = await corral.run(fns.async_add, args={0: (1, 1), 1: (2, 2)}, log_dir=tmp_path / "c")
+        failed = await corral.run(fns.async_fail, nprocs=1, log_dir=tmp_path / "f")
+    assert [v["sum"] for v in partial.return_values.values()] == [11, 11]  # type: ignore[index]
+    assert coro.return_values == {0: 2, 1: 4}
+    assert failed.failures[0].message == "LookupError: nothing here"
+    assert failed.failures[0].exitcode == 1
 
 
 async def test_void_function_output_in_its_logs(tmp_path: Path) -> None:
@@ -261,6 +276,38 @@ def test_function_in_main_script(tmp_path: Path) -> None:
     assert report["isinstance"] is True
     # The main block ran once (in the supervisor); each rank ran only the top level.
     assert report["rank_stderr"] == "top level ran as __mp_main__\n"
+
+
+UNGUARDED_SCRIPT = """
+import asyncio
+
+import corral
+
+
+def worker() -> int:
+    return 1
+
+
+# No 'if __name__ == "__main__":' guard: each rank, importing this script to
+# find worker, would start ranks again. corral refuses, in the rank.
+result = asyncio.run(corral.run(worker, nprocs=1))
+print(result.failures[0].message)
+"""
+
+
+def test_unguarded_main_script_fails_clearly(tmp_path: Path) -> None:
+    """A main script that starts ranks at import time fails its ranks, naming the guard."""
+    (tmp_path / "unguarded.py").write_text(textwrap.dedent(UNGUARDED_SCRIPT))
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "unguarded.py")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("cannot load the function to run from ")
+    assert "ConfigError: corral.spawn() of a callable was called while a rank" in proc.stdout
 
 
 def test_function_in_interactive_main_refused() -> None:

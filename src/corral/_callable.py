@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from ._child import IMPORTING_MAIN_ATTR
 from ._errors import ConfigError
 
 if TYPE_CHECKING:
@@ -164,6 +165,12 @@ def prepare(fn: Callable[..., object], per_rank_args: Mapping[int, Sequence[obje
             in a ``__main__`` without a file, or cannot be pickled; or an
             argument cannot be pickled (the message names the rank and position).
     """
+    if getattr(sys, IMPORTING_MAIN_ATTR, False):
+        raise ConfigError(
+            "corral.spawn() of a callable was called while a rank was importing the main "
+            "script: the script starts ranks at import time, so every rank would start ranks "
+            "again. Put that code under 'if __name__ == \"__main__\":'"
+        )
     name = _check_fn(fn)
     header = _main_header()
     payloads: dict[int, bytes] = {}

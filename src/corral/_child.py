@@ -16,7 +16,8 @@ second pickle imports the parent's main script under the name ``__mp_main__``
 (so its ``if __name__ == "__main__":`` block does not run again) and aliases it
 as ``__main__``; a call that does not mention ``__main__`` never imports it.
 
-The return value is pickled to ``RESULT`` (a file: a value of any size never
+A coroutine function (``async def``) is run with ``asyncio.run``. The return
+value is pickled to ``RESULT`` (a file: a value of any size never
 fills a pipe); ``None`` writes no file. An uncaught exception, or a return value
 that cannot be pickled, is written to the rank's error file (``CORRAL_ERROR_FILE``)
 as ``{"message", "type", "traceback", "timestamp"}``, its traceback printed to
@@ -44,6 +45,10 @@ ERROR_FILE_VARS: Final = ("CORRAL_ERROR_FILE", "TORCHELASTIC_ERROR_FILE")
 #: Attribute set on an exception once it has been recorded, so nested
 #: ``record`` wrappers (or the bootstrap around a recorded function) write it once.
 RECORDED_ATTR: Final = "__corral_recorded__"
+#: Set on ``sys`` while a rank imports the supervisor's main script: a
+#: ``corral.spawn`` of a callable then means the script lacks its
+#: ``if __name__ == "__main__":`` guard (and would start ranks recursively).
+IMPORTING_MAIN_ATTR: Final = "_corral_importing_main"
 #: Exit status of a callable rank whose function raised (as Python's own).
 EXIT_FAILURE: Final = 1
 #: Highest pickle protocol (5: out-of-band-capable, efficient for large buffers).
@@ -146,11 +151,17 @@ class _MainLoader:
         import runpy
         import types
 
-        if self.name:
-            content = runpy.run_module(self.name, run_name="__mp_main__", alter_sys=True)
-        elif self.path:
-            content = runpy.run_path(self.path, run_name="__mp_main__")
-        else:
+        setattr(sys, IMPORTING_MAIN_ATTR, True)
+        try:
+            if self.name:
+                content = runpy.run_module(self.name, run_name="__mp_main__", alter_sys=True)
+            elif self.path:
+                content = runpy.run_path(self.path, run_name="__mp_main__")
+            else:
+                content = None
+        finally:
+            delattr(sys, IMPORTING_MAIN_ATTR)
+        if content is None:
             raise ImportError(
                 "the function refers to __main__, but the supervisor's main module has no "
                 "file (an interactive session or python -c): define it in an importable module"
@@ -228,6 +239,11 @@ def _store(value: object, result_file: str, name: str) -> None:
         _fail(exc, f"the return value of {name} (rank {rank}) cannot be pickled")
 
 
+def _is_coroutine(value: object) -> bool:
+    # Not inspect.iscoroutine: that would import inspect (and more) in every rank.
+    return type(value).__name__ == "coroutine" and hasattr(value, "send")
+
+
 def main(argv: list[str]) -> None:
     """Run the call described by ``argv[1]``; leave its return value in ``argv[2]``."""
     call_file, result_file = argv[1], argv[2]
@@ -247,6 +263,10 @@ def main(argv: list[str]) -> None:
     name = getattr(fn, "__qualname__", None) or repr(fn)
     try:
         value = fn(*args)
+        if _is_coroutine(value):  # an ``async def`` function: run it to completion
+            import asyncio
+
+            value = asyncio.run(value)
     except (SystemExit, KeyboardInterrupt):
         raise
     except BaseException as exc:

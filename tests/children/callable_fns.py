@@ -81,3 +81,19 @@ def interrupt() -> None:
 def modules() -> list[str]:
     """The modules the rank had imported when its function started."""
     return sorted(sys.modules)
+
+
+async def async_add(a: int, b: int) -> int:
+    """A coroutine function: the rank runs it with asyncio.run."""
+    import asyncio
+
+    await asyncio.sleep(0)
+    return a + b
+
+
+async def async_fail() -> None:
+    """A coroutine function that raises after awaiting."""
+    import asyncio
+
+    await asyncio.sleep(0)
+    raise LookupError("nothing here")
