@@ -78,7 +78,7 @@ class Failure:
         lines = [
             f"rank {self.rank} ({pid}) {self.how()} at {_clock(self.timestamp)}",
         ]
-        if self.message not in (f"exited with code {self.exitcode}", f"killed by {self.signal}"):
+        if not _says_only_how(self):
             lines.append(f"  {self.message}")
         if self.traceback:
             lines.extend(_indent(_cut(self.traceback.rstrip().splitlines(), TRACEBACK_LINES)))
@@ -190,7 +190,7 @@ class Result:
                 pid = "never started" if f.pid is None else f"pid {f.pid}"
                 later = f.timestamp - root.timestamp
                 line = f"  rank {f.rank} ({pid}) {f.how()}, {later:.3f} s later"
-                if f.error is not None:
+                if not _says_only_how(f):
                     line += f": {f.message}"
                 lines.append(line)
         if self.terminated:
@@ -198,6 +198,14 @@ class Result:
         if self.log_dir is not None:
             lines.append(f"logs: {self.log_dir}")
         return "\n".join(lines)
+
+
+def _says_only_how(failure: Failure) -> bool:
+    """True when the message is just the exit code or signal (already shown by ``how()``)."""
+    return failure.message in (
+        f"exited with code {failure.exitcode}",
+        f"killed by {failure.signal}",
+    )
 
 
 def _clock(timestamp: float) -> str:
