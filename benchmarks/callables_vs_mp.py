@@ -5,6 +5,8 @@ return value back and waits until every process is gone:
 
 - ``corral.run(os.getpid, nprocs=8)``: call -> ``Result`` (logs, error files,
   containment sweep included).
+- the same with a bootstrap that first imports the ``corral`` package (what
+  ``python -m corral._child`` costs), to show what the light bootstrap saves.
 - ``multiprocessing`` spawn context, 8 ``Process`` objects whose target puts a
   value on a ``SimpleQueue``; start all, read 8 values, join all.
 - ``concurrent.futures.ProcessPoolExecutor`` (spawn, 8 workers): submit 8
@@ -42,6 +44,18 @@ def corral_run(nprocs: int) -> list[object]:
     return [result.return_values[r] for r in range(nprocs)]
 
 
+def corral_run_heavy_bootstrap(nprocs: int) -> list[object]:
+    """corral.run with a bootstrap that imports the corral package first (as ``-m`` would)."""
+    from corral import _callable
+
+    light = _callable._BOOT_CODE
+    _callable._BOOT_CODE = "import corral;" + light  # type: ignore[misc]
+    try:
+        return corral_run(nprocs)
+    finally:
+        _callable._BOOT_CODE = light  # type: ignore[misc]
+
+
 def mp_process(nprocs: int) -> list[object]:
     import multiprocessing
 
@@ -70,7 +84,10 @@ def mp_pool(nprocs: int) -> list[object]:
 def torch_start_processes(nprocs: int) -> list[object]:
     import tempfile
 
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
+    from torch.distributed.elastic.multiprocessing import (  # type: ignore[import-not-found,unused-ignore]
+        DefaultLogsSpecs,
+        start_processes,
+    )
 
     with tempfile.TemporaryDirectory() as log_dir:
         ctx = start_processes(
@@ -104,6 +121,7 @@ def main() -> None:
     opts = parser.parse_args()
     variants: list[tuple[str, Callable[[int], list[object]]]] = [
         ("corral.run(fn)", corral_run),
+        ("corral.run, bootstrap+corral", corral_run_heavy_bootstrap),
         ("mp spawn Process+queue", mp_process),
         ("ProcessPoolExecutor spawn", mp_pool),
     ]
@@ -113,11 +131,11 @@ def main() -> None:
         f"{opts.nprocs} callable ranks returning at once; {opts.runs} runs each; "
         f"{os.cpu_count()} CPUs; Python {sys.version.split()[0]}"
     )
-    print(f"{'variant':28s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s}")
+    print(f"{'variant':30s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s}")
     for name, fn in variants:
         times = measure(fn, opts.nprocs, opts.runs)
         print(
-            f"{name:28s} {statistics.median(times) * 1e3:10.1f} "
+            f"{name:30s} {statistics.median(times) * 1e3:10.1f} "
             f"{min(times) * 1e3:8.1f} {max(times) * 1e3:8.1f}"
         )
 
