@@ -203,9 +203,9 @@ async def test_lambda_closure_and_bad_args_refused_before_start(tmp_path: Path) 
         corral.spawn(fns.add, args={0: (1, 2), 1: (1, lock)}, log_dir=tmp_path / "c")
     with pytest.raises(corral.ConfigError, match=r"argument 0 \(<function .*<lambda>"):
         corral.spawn(fns.add, nprocs=1, args=(lambda: 0, 1), log_dir=tmp_path / "d")
-    # Refused before anything was created: no rank folder exists.
+    # Refused before anything was created: not even the log folder exists.
     for name in "abcd":
-        assert not (tmp_path / name / "0").exists()
+        assert not (tmp_path / name).exists()
 
 
 async def test_function_that_cannot_be_imported_in_the_rank(tmp_path: Path) -> None:
@@ -220,7 +220,7 @@ async def test_function_that_cannot_be_imported_in_the_rank(tmp_path: Path) -> N
         del sys.modules[module.__name__]
     failure = result.failures[0]
     assert failure.exitcode == 1
-    assert failure.message.startswith("cannot load the function to run from")
+    assert failure.message.startswith("cannot load the function or its arguments from")
     assert "ModuleNotFoundError: No module named 'corral_test_dynamic_module'" in failure.message
 
 
@@ -306,7 +306,7 @@ def test_unguarded_main_script_fails_clearly(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("cannot load the function to run from ")
+    assert proc.stdout.startswith("cannot load the function or its arguments from ")
     assert "ConfigError: corral.spawn() of a callable was called while a rank" in proc.stdout
 
 

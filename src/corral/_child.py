@@ -259,7 +259,7 @@ def main(argv: list[str]) -> None:
     except (SystemExit, KeyboardInterrupt):
         raise
     except BaseException as exc:
-        _fail(exc, f"cannot load the function to run from {call_file}")
+        _fail(exc, f"cannot load the function or its arguments from {call_file}")
     name = getattr(fn, "__qualname__", None) or repr(fn)
     try:
         value = fn(*args)
