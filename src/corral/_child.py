@@ -236,7 +236,8 @@ def _store(value: object, result_file: str, name: str) -> None:
         if isinstance(exc, KeyboardInterrupt):
             raise
         rank = os.environ.get("CORRAL_RANK", "?")
-        _fail(exc, f"the return value of {name} (rank {rank}) cannot be pickled")
+        what = "saved" if isinstance(exc, OSError) else "pickled"
+        _fail(exc, f"the return value of {name} (rank {rank}) cannot be {what}")
 
 
 def _is_coroutine(value: object) -> bool:
