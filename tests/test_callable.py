@@ -161,6 +161,24 @@ async def test_keyboard_interrupt_ends_like_python(tmp_path: Path) -> None:
     assert failure.error is None
 
 
+async def test_close_terminates_callable_ranks(tmp_path: Path) -> None:
+    """Closing a group of running callables ends them by SIGTERM: terminated, not failed."""
+    ready = [tmp_path / f"ready{rank}" for rank in (0, 1)]
+    async with asyncio.timeout(20):
+        async with corral.spawn(
+            fns.block, args={0: (str(ready[0]),), 1: (str(ready[1]),)}, log_dir=tmp_path / "logs"
+        ) as group:
+            # Handshake: both ranks are inside fn (a file each writes; no event to await).
+            while not all(p.exists() for p in ready):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            result = await group.close(grace=5)
+    assert result.failures == {}
+    assert result.terminated == frozenset({0, 1})
+    assert result.exit_codes == {0: -signal.SIGTERM, 1: -signal.SIGTERM}
+    assert result.return_values == {}
+    assert not (tmp_path / "logs" / "0" / "error.json").exists()
+
+
 async def test_unpicklable_return_value_is_a_failure(tmp_path: Path) -> None:
     """A return value pickle refuses fails that rank with a clear message; others succeed."""
     async with asyncio.timeout(20):

@@ -97,3 +97,10 @@ async def async_fail() -> None:
 
     await asyncio.sleep(0)
     raise LookupError("nothing here")
+
+
+def block(ready_file: str) -> None:
+    """Signal readiness through a file, then block until killed."""
+    with open(ready_file, "w") as f:
+        f.write("ready")
+    threading.Event().wait()
