@@ -193,6 +193,17 @@ async def test_unpicklable_return_value_is_a_failure(tmp_path: Path) -> None:
     assert not (tmp_path / "lock" / "0" / "result.pkl").exists()
 
 
+async def test_return_value_the_supervisor_cannot_load(tmp_path: Path) -> None:
+    """A return value that pickles in the rank but cannot be loaded here is that rank's Failure."""
+    async with asyncio.timeout(20):
+        result = await corral.run(fns.return_unloadable, nprocs=1, log_dir=tmp_path)
+    failure = result.failures[0]
+    assert result.exit_codes == {0: 0}
+    assert failure.exitcode == 0
+    assert failure.message.startswith("its return value was pickled but cannot be loaded")
+    assert "RuntimeError: this value only loads in a rank" in failure.message
+
+
 async def test_rank_imports_no_corral_before_user_code(tmp_path: Path) -> None:
     """The bootstrap imports neither corral nor asyncio/typing/pickle.py before the function."""
     async with asyncio.timeout(20):

@@ -104,3 +104,19 @@ def block(ready_file: str) -> None:
     with open(ready_file, "w") as f:
         f.write("ready")
     threading.Event().wait()
+
+
+def _refuse_load() -> None:
+    raise RuntimeError("this value only loads in a rank")
+
+
+class LoadsNowhere:
+    """Pickles fine; unpickling it raises (as a type the supervisor cannot import would)."""
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (_refuse_load, ())
+
+
+def return_unloadable() -> LoadsNowhere:
+    """Return a value the supervisor cannot unpickle."""
+    return LoadsNowhere()
