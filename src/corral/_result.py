@@ -76,7 +76,7 @@ class Failure:
         """
         pid = "never started" if self.pid is None else f"pid {self.pid}"
         lines = [
-            f"rank {self.rank} ({pid}) {self.how()} at {_clock(self.timestamp)}",
+            f"rank {self.rank} ({pid}) {_how(self)} at {_clock(self.timestamp)}",
         ]
         if not _says_only_how(self):
             lines.append(f"  {self.message}")
@@ -94,14 +94,6 @@ class Failure:
                 if path is not None:
                     lines.append(f"  {name}: {path}")
         return "\n".join(lines)
-
-    def how(self) -> str:
-        """How the rank ended, e.g. ``"exited with code 1"`` or ``"was killed by SIGSEGV"``."""
-        if self.signal:
-            return f"was killed by {self.signal} (exitcode {self.exitcode})"
-        if self.pid is None:
-            return f"could not start (exitcode {self.exitcode})"
-        return f"exited with code {self.exitcode}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +181,7 @@ class Result:
             for f in others:
                 pid = "never started" if f.pid is None else f"pid {f.pid}"
                 later = f.timestamp - root.timestamp
-                line = f"  rank {f.rank} ({pid}) {f.how()}, {later:.3f} s later"
+                line = f"  rank {f.rank} ({pid}) {_how(f)}, {later:.3f} s later"
                 if not _says_only_how(f):
                     line += f": {f.message}"
                 lines.append(line)
@@ -198,6 +190,15 @@ class Result:
         if self.log_dir is not None:
             lines.append(f"logs: {self.log_dir}")
         return "\n".join(lines)
+
+
+def _how(failure: Failure) -> str:
+    """How the rank ended, e.g. ``"exited with code 1"`` or ``"was killed by SIGSEGV (...)"``."""
+    if failure.signal:
+        return f"was killed by {failure.signal} (exitcode {failure.exitcode})"
+    if failure.pid is None:
+        return f"could not start (exitcode {failure.exitcode})"
+    return f"exited with code {failure.exitcode}"
 
 
 def _says_only_how(failure: Failure) -> bool:
