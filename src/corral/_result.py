@@ -202,7 +202,7 @@ def _how(failure: Failure) -> str:
 
 
 def _says_only_how(failure: Failure) -> bool:
-    """True when the message is just the exit code or signal (already shown by ``how()``)."""
+    """True when the message is just the exit code or signal (already shown by ``_how``)."""
     return failure.message in (
         f"exited with code {failure.exitcode}",
         f"killed by {failure.signal}",
