@@ -23,6 +23,9 @@ RECORD_ORDER = str(CHILDREN / "record_order.py")
 TORCH_FORMAT = str(CHILDREN / "record_torch_format.py")
 
 
+NO_WAITID = pytest.mark.skipif(not hasattr(os, "waitid"), reason="needs os.waitid (Linux)")
+
+
 def _block_until_exited(pids: Iterable[int]) -> None:
     """Block (the event loop too) until every pid has exited, without reaping it.
 
@@ -52,24 +55,40 @@ async def test_record_in_a_command_rank(tmp_path: Path) -> None:
     assert (tmp_path / "0" / "stdout.log").read_text() == "training\n"
 
 
+@NO_WAITID
 async def test_torch_format_error_file_read_without_torch(tmp_path: Path) -> None:
-    """PyTorch's @record format (string timestamp of whole seconds) is read; torch is not used."""
+    """PyTorch's @record format (string timestamp of whole seconds) is read; torch is not used.
+
+    A whole-second timestamp is refined by the exit time when that falls in
+    the same second; otherwise (here: one recorded 100 s earlier) it is used as is.
+    """
     async with asyncio.timeout(20):
-        result = await corral.run(
-            [sys.executable, TORCH_FORMAT], nprocs=1, args=["bad shape", "0"], log_dir=tmp_path
-        )
-    failure = result.failures[0]
+        async with corral.spawn(
+            [sys.executable, TORCH_FORMAT],
+            args={0: ["bad shape", "0"], 1: ["old news", "100"]},
+            log_dir=tmp_path,
+        ) as group:
+            _block_until_exited(group.pids.values())  # both fail on their own
+            result = await group.wait()
     assert "torch" not in sys.modules
-    assert failure.exitcode == 1
-    assert failure.message == "ValueError: bad shape"
-    assert failure.error is not None
+    now, old = result.failures[0], result.failures[1]
+    assert now.exitcode == 1
+    assert now.message == "ValueError: bad shape"
+    assert now.error is not None
     raw = json.loads((tmp_path / "0" / "error.json").read_text())
-    assert dict(failure.error) == raw
-    assert failure.timestamp == float(int(raw["message"]["extraInfo"]["timestamp"]))
-    assert failure.traceback is not None
-    assert "raise ValueError(sys.argv[1])" in failure.traceback
+    assert dict(now.error) == raw
+    assert int(now.timestamp) == int(raw["message"]["extraInfo"]["timestamp"])
+    assert now.traceback is not None
+    assert "raise ValueError(sys.argv[1])" in now.traceback
+    raw_old = json.loads((tmp_path / "1" / "error.json").read_text())
+    assert old.timestamp == float(raw_old["message"]["extraInfo"]["timestamp"])
+    assert old.message == "ValueError: old news"
+    root = result.root_cause
+    assert root is not None
+    assert root.rank == 1
 
 
+@NO_WAITID
 async def test_root_cause_is_earliest_error_timestamp(tmp_path: Path) -> None:
     """Of two failing ranks, the root cause is the one whose error file says it failed first.
 
@@ -108,6 +127,7 @@ CRASH_AFTER = (
 SLEEPER = "import time; print('ready', flush=True); time.sleep(60)"
 
 
+@NO_WAITID
 async def test_raise_for_failure_text(tmp_path: Path) -> None:
     """raise_for_failure() raises GroupFailedError whose text explains the group at a glance.
 

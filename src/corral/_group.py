@@ -519,7 +519,11 @@ class Group:
         if info is not None and info.timestamp is not None:
             # When the exception happened, not when its exit was seen: the root
             # cause among ranks that failed close together is the first to raise.
-            timestamp = info.timestamp
+            # PyTorch's format has whole seconds only: within that second, the
+            # exit time (just after the raise) is the better estimate.
+            whole = info.timestamp.is_integer()
+            if not (whole and info.timestamp <= timestamp < info.timestamp + 1):
+                timestamp = info.timestamp
         return Failure(
             rank=r.plan.rank,
             pid=r.pid,
