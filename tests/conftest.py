@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import TYPE_CHECKING
 
 import psutil
@@ -18,8 +19,15 @@ def python(code: str) -> list[str]:
     return [sys.executable, "-u", "-c", code]
 
 
+#: Inherited by every process this test session starts: marked processes of
+#: other test sessions running on the same machine are not ours to report.
+_SESSION_KEY = "CORRAL_TEST_SESSION"
+os.environ[_SESSION_KEY] = f"{os.getpid()}-{time.time_ns()}"
+_SESSION_MARK = f"{_SESSION_KEY}={os.environ[_SESSION_KEY]}".encode()
+
+
 def _marked_pids() -> set[int]:
-    """Processes carrying any corral group marker, found without parent links."""
+    """Processes of this test session carrying a corral group marker (no parent links)."""
     found: set[int] = set()
     if not os.path.isdir("/proc/self"):
         return found
@@ -29,7 +37,8 @@ def _marked_pids() -> set[int]:
             continue
         try:
             with open(f"/proc/{entry.name}/environ", "rb") as f:
-                if b"CORRAL_GROUP=" in f.read():
+                environ = f.read()
+                if b"CORRAL_GROUP=" in environ and _SESSION_MARK in environ:
                     found.add(int(entry.name))
         except OSError:
             continue
