@@ -21,6 +21,7 @@ import resource
 import sys
 import threading
 import time
+from typing import IO, cast
 
 import corral
 from corral._tee import Console
@@ -68,7 +69,9 @@ def _fds() -> int:
 async def measure(nprocs: int, grace: float, idle: float) -> dict[str, float]:
     out = _Counter()
     out.target = nprocs
-    console = Console.create(stdout=out, stderr=_Counter(), color=False)
+    console = Console.create(
+        stdout=cast("IO[bytes]", out), stderr=cast("IO[bytes]", _Counter()), color=False
+    )
     threads_before = _threads()
     fds_before = _fds()
     t0 = time.perf_counter()
