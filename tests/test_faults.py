@@ -163,7 +163,9 @@ async def test_escaped_process_holding_the_pipe(
         "        os.setsid()\n"
         "        os.execve('/bin/sleep', ['sleep', '1000'], {})\n"
         "    os._exit(0)\n"
-        "os.wait()\n"
+        "os.close(w)\n"
+        "os.wait()  # the daemon's parent is gone\n"
+        "os.read(r, 1)  # EOF: the daemon has exec'd (w is close-on-exec)\n"
         "print('rank done')\n"
     )
     before = set(_own_children())
