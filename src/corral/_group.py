@@ -44,6 +44,8 @@ _log = logging.getLogger("corral")
 DRAIN_TIMEOUT: Final = 0.5
 #: How many kill-and-rescan rounds before giving up on a process that keeps forking.
 _KILL_ROUNDS: Final = 20
+#: Pause before rescanning when a child of ours was caught in the middle of an execve.
+_UNSURE_RETRY: Final = 0.002
 
 
 class _State(enum.IntEnum):
@@ -432,8 +434,15 @@ class Group:
                 killer.forget_untracked()
                 await self._wait_dead(killer, use_deadline=False)
                 table = _reap.snapshot()
-                if not killer.add(self._scan(table)) and not any(r.alive for r in self._ranks):
-                    break
+                unsure: set[int] = set()
+                if not killer.add(self._scan(table, unsure)) and not any(
+                    r.alive for r in self._ranks
+                ):
+                    if not unsure:
+                        break
+                    # A child of ours is mid-execve, its environment unreadable:
+                    # look again once the exec is through (rare, bounded).
+                    await asyncio.sleep(_UNSURE_RETRY)
             else:
                 _log.error("corral: processes of %s kept appearing after SIGKILL", self)
             # 5. The group is dead: the watchdog has nothing left to guard.
@@ -454,9 +463,13 @@ class Group:
         self._result = self._build_result()
         return self._result
 
-    def _scan(self, table: Mapping[int, _watchdog.Stat] | None = None) -> list[_reap.Member]:
+    def _scan(
+        self,
+        table: Mapping[int, _watchdog.Stat] | None = None,
+        unsure: set[int] | None = None,
+    ) -> list[_reap.Member]:
         sessions = [r.pid for r in self._ranks if r.pid is not None and r.held]
-        return _reap.scan(self._plan.token, sessions, self._since, sessions, table)
+        return _reap.scan(self._plan.token, sessions, self._since, sessions, table, unsure)
 
     async def _wait_dead(self, killer: _Killer, *, use_deadline: bool) -> None:
         """Wait until no rank and no tracked descendant is alive (or the deadline passes)."""

@@ -86,6 +86,7 @@ def scan(
     since: int,
     exclude: Collection[int],
     table: Mapping[int, _watchdog.Stat] | None = None,
+    unsure: set[int] | None = None,
 ) -> list[Member]:
     """Return the live or zombie descendants of a group, found without parent links.
 
@@ -95,12 +96,21 @@ def scan(
         since: boot ticks when the group started; older processes never match by session.
         exclude: pids never to report (the ranks themselves).
         table: a :func:`snapshot` to use instead of a fresh one.
+        unsure: receives our children that may be members caught mid-``execve``
+            (see ``_watchdog.members``): scan again shortly.
     """
     if not _platform.HAS_PROC:
         return _scan_psutil(sessions, exclude)
     if table is None:
         table = snapshot()
-    found = _watchdog.members(table, token.encode(), set(sessions), since, exclude)
+    found = _watchdog.members(
+        table,
+        token.encode(),
+        set(sessions),
+        since,
+        exclude,
+        None if unsure is None else (os.getpid(), unsure),
+    )
     return [
         Member(pid=pid, ppid=st.ppid, starttime=st.starttime, zombie=st.zombie)
         for pid, st in sorted(table.items())
@@ -317,6 +327,12 @@ class Watchdog:
                 os.kill(popen.pid, signal.SIGKILL)  # still our unreaped child: no reuse race
             _platform.watch_exit(loop, popen.pid, on_exit)
             popen.returncode = await exited
+            if popen.returncode != -signal.SIGKILL:
+                _log.warning(
+                    "corral: the group's watchdog had exited early (code %d): the group "
+                    "was not protected against the death of this process",
+                    popen.returncode,
+                )
         self._close_pipe()
 
     def abandon(self) -> None:

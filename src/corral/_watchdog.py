@@ -128,6 +128,7 @@ def members(
     sessions: Collection[int],
     since: int,
     exclude: Collection[int] = (),
+    unsure: tuple[int, set[int]] | None = None,
 ) -> set[int]:
     """Return the pids in ``table`` that belong to the group (see the module docstring).
 
@@ -137,6 +138,11 @@ def members(
         sessions: the group's valid session ids (the ranks' pids).
         since: boot ticks when the group started; older processes never match by session.
         exclude: pids never reported (they still link their children into the group).
+        unsure: ``(parent, into)``: add to ``into`` the children of ``parent``
+            that are not members but cannot be told apart yet: a process in
+            the middle of ``execve`` shows an empty environment for a moment,
+            so a ``setsid()`` daemon re-parented to ``parent`` is invisible
+            then. The caller scans again shortly.
     """
     found: set[int] = set()
     for pid, st in table.items():
@@ -157,7 +163,30 @@ def members(
                 roots.add(child)
                 found.add(child)
                 frontier.append(child)
+    if unsure is not None:
+        parent, into = unsure
+        for pid, st in table.items():
+            if (
+                st.ppid == parent
+                and pid not in found
+                and not st.zombie
+                and st.starttime >= since
+                and _exec_in_progress(pid)
+            ):
+                into.add(pid)
     return found - set(exclude)
+
+
+def _exec_in_progress(pid: int) -> bool:
+    """True when ``pid`` shows neither arguments nor environment (as during ``execve``)."""
+    for name in ("environ", "cmdline"):
+        try:
+            with open(f"/proc/{pid}/{name}", "rb") as f:
+                if f.read(1):
+                    return False
+        except OSError:
+            return False
+    return True
 
 
 def boot_ticks() -> int:
