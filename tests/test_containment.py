@@ -29,7 +29,7 @@ from corral import _platform, _watchdog
 from .conftest import python
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 pytestmark = pytest.mark.skipif(
     not (_platform.HAS_PROC and _platform.HAS_PIDFD), reason="needs Linux /proc and pidfds"
@@ -86,10 +86,26 @@ class Handshakes:
         self._buf = b"\n".join(lines[n:])
         return [line.decode() for line in lines[:n]]
 
-    async def report(self, n: int) -> Report:
-        """Wait for ``n`` rank handshakes (``RANK TOKEN PID [PID...]``) and pin their pids."""
+    async def report(self, n: int, unless: Callable[[], str | None] | None = None) -> Report:
+        """Wait for ``n`` rank handshakes (``RANK TOKEN PID [PID...]``) and pin their pids.
+
+        ``unless`` is asked every 0.5 s whether waiting is pointless (e.g. the
+        supervisor died): its message then fails the test at once.
+        """
         report = Report()
-        for line in await self.lines(n):
+        reading = asyncio.ensure_future(self.lines(n))
+        try:
+            while unless is not None:
+                done, _ = await asyncio.wait([reading], timeout=0.5)
+                if done:
+                    break
+                problem = unless()
+                if problem:
+                    pytest.fail(f"no handshake: {problem}")
+            lines = await reading
+        finally:
+            reading.cancel()
+        for line in lines:
             rank, token, *pids = line.split()
             report.token = token.split(":")[-1]
             report.ranks[int(rank)] = int(pids[0])
@@ -180,6 +196,12 @@ def rank_argv(shape: str, fifo: Path) -> list[str]:
     return [sys.executable, RANK, shape, str(fifo)]
 
 
+def _early_exit(group: corral.Group) -> str | None:
+    """Why a rank cannot hand-shake any more (it exited), if so."""
+    exited = {r.plan.rank: r.returncode for r in group._ranks if r.returncode is not None}
+    return f"ranks exited early: {exited}" if exited else None
+
+
 # -- the matrix ------------------------------------------------------------------------------
 
 IN_PROCESS = ("succeed", "first_failure", "close", "cancel_wait", "exception")
@@ -199,7 +221,7 @@ async def _end_in_process(ending: str, shape: str, tmp_path: Path) -> None:
         async def body() -> corral.Result | None:
             nonlocal report, watchdog_pid
             async with group:
-                report = await hs.report(NPROCS)
+                report = await hs.report(NPROCS, lambda: _early_exit(group))
                 assert group._watchdog is not None
                 watchdog_pid = group._watchdog.pid
                 if ending == "succeed":
@@ -248,12 +270,21 @@ async def _end_by_signal(ending: str, shape: str, tmp_path: Path) -> None:
     since = _watchdog.boot_ticks()
     with handshakes(tmp_path) as hs, subreaper():
         before = own_children()
+        errors = open(tmp_path / "supervisor.err", "w+b")  # noqa: SIM115
         sup = subprocess.Popen(
             [sys.executable, SUPERVISOR, shape, str(hs.path), str(NPROCS), str(GRACE)],
             cwd=tmp_path,
+            stderr=errors,
         )
+
+        def supervisor_died() -> str | None:
+            if sup.poll() is None:
+                return None
+            errors.seek(0)
+            return f"the supervisor exited with {sup.returncode}: {errors.read().decode()}"
+
         try:
-            report = await hs.report(NPROCS)
+            report = await hs.report(NPROCS, supervisor_died)
             os.kill(sup.pid, sig)
             async with asyncio.timeout(30):
                 await wait_exit(sup.pid)
@@ -274,6 +305,7 @@ async def _end_by_signal(ending: str, shape: str, tmp_path: Path) -> None:
             if sup.returncode is None:
                 sup.kill()
                 sup.wait()
+            errors.close()
     assert survivors(report, since) == []
 
 
