@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -9,8 +11,12 @@ from typing import TYPE_CHECKING
 import psutil
 import pytest
 
+from corral._tee import Console
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    from _typeshed import ReadableBuffer
 
 
 def python(code: str) -> list[str]:
@@ -74,3 +80,28 @@ def no_leftover_processes() -> Iterator[None]:
         except (psutil.Error, ChildProcessError):
             pass
     pytest.fail("test left processes behind:\n  " + "\n  ".join(report))
+
+
+class WatchedIO(io.BytesIO):
+    """A console stream that lets a test await a handshake line the tee wrote."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._changed = asyncio.Event()
+
+    def write(self, data: ReadableBuffer, /) -> int:
+        n = super().write(data)
+        self._changed.set()
+        return n
+
+    async def wait_for(self, pattern: bytes, count: int = 1) -> None:
+        """Return once ``pattern`` has been written ``count`` times (bound it with a timeout)."""
+        while self.getvalue().count(pattern) < count:
+            self._changed.clear()
+            await self._changed.wait()
+
+
+def watched_console() -> tuple[Console, WatchedIO, WatchedIO]:
+    """A colourless console over two WatchedIO streams (stdout, stderr)."""
+    out, err = WatchedIO(), WatchedIO()
+    return Console.create(stdout=out, stderr=err, color=False), out, err
