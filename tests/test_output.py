@@ -215,7 +215,8 @@ def test_four_busy_ranks_never_interleave_mid_line(tmp_path: Path) -> None:
     for line in proc.stdout.decode().splitlines():
         prefix, _, body = line.partition(": ")
         rank = int(prefix.strip("[]"))
-        assert body.startswith(f"rank{rank}-line") and body.endswith(f"-end{rank}"), line[:80]
+        assert body.startswith(f"rank{rank}-line"), line[:80]
+        assert body.endswith(f"-end{rank}"), line[-80:]
         seen[rank].append(int(body.split("-")[1][4:]))
     for rank in range(4):
         assert seen[rank] == list(range(3000))
