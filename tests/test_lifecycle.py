@@ -321,7 +321,9 @@ async def test_send_signal(tmp_path: Path) -> None:
         result = await group.close()
     assert b"[0]: usr1" not in out.getvalue()
     assert result.exit_codes[1] == 0
-    assert result.terminated == {0, 1}
+    assert result.failures == {}
+    # Rank 1 may exit before or after close begins; rank 0 is certainly terminated.
+    assert 0 in result.terminated
 
 
 async def test_threads_do_not_grow_with_ranks(tmp_path: Path) -> None:
