@@ -24,8 +24,16 @@ def python(code: str) -> list[str]:
     return [sys.executable, "-u", "-c", code]
 
 
+#: Every process this test session starts inherits this marker, so the leftover
+#: check below never touches processes of another test run on the same machine.
+SESSION_KEY = "CORRAL_TEST_SESSION"
+SESSION = f"{os.getpid()}-{os.urandom(4).hex()}"
+os.environ[SESSION_KEY] = SESSION
+_SESSION_NEEDLE = f"{SESSION_KEY}={SESSION}\0".encode()
+
+
 def _marked_pids() -> set[int]:
-    """Processes carrying any corral group marker, found without parent links."""
+    """This session's processes carrying a corral group marker, found without parent links."""
     found: set[int] = set()
     if not os.path.isdir("/proc/self"):
         return found
@@ -35,7 +43,8 @@ def _marked_pids() -> set[int]:
             continue
         try:
             with open(f"/proc/{entry.name}/environ", "rb") as f:
-                if b"CORRAL_GROUP=" in f.read():
+                environ = f.read()
+                if b"CORRAL_GROUP=" in environ and _SESSION_NEEDLE in environ:
                     found.add(int(entry.name))
         except OSError:
             continue
