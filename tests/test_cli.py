@@ -388,6 +388,7 @@ def test_signal_closes_group_and_leaves_nothing(sig: signal.Signals) -> None:
     assert rc == 128 + sig, lines.err
     err = "".join(lines.err)
     assert f"corral: received {sig.name}" in err
+    assert f"corral: stopped by {sig.name}" in err
     assert re.search(r"rank 0 \(pid \d+\): killed by SIGTERM", err)
     assert f"corral: exit status {128 + sig}" in err
     assert_gone(pids)

@@ -515,10 +515,7 @@ def render_summary(
     n = len(result.exit_codes)
     lines: list[str] = []
     if signum is not None:
-        lines.append(
-            f"corral: received {_signal_name(signum)}: closed the group "
-            f"({len(result.terminated)} of {n} rank(s) terminated)"
-        )
+        lines.append(f"corral: stopped by {_signal_name(signum)}")
     root = result.root_cause
     if root is not None:
         lines.append(
@@ -530,10 +527,13 @@ def render_summary(
             lines.append("  other failed ranks:")
             lines.extend(f"    {_one_line(f.rank, f.pid, f.exitcode, f.signal)}" for f in others)
     if result.terminated:
-        lines.append("  terminated by corral:" if root is not None else "corral: terminated ranks:")
+        lines.append("  terminated by corral:")
         for rank in sorted(result.terminated):
             code = result.exit_codes.get(rank, 0)
-            lines.append(f"    {_one_line(rank, pids.get(rank), code, None)}")
+            line = _one_line(rank, pids.get(rank), code, None)
+            if code >= 0:  # it exited on its own, after the closing began
+                line += " while the group was closing"
+            lines.append(f"    {line}")
     return "\n".join(lines)
 
 
@@ -643,6 +643,16 @@ class _Signals:
 
 async def _run(opts: Options) -> int:
     loop = asyncio.get_running_loop()
+    signals = _Signals(loop, opts.grace)
+    signals.install()
+    try:
+        return await _run_group(opts, signals)
+    finally:
+        signals.uninstall()
+        await signals.settle()
+
+
+async def _run_group(opts: Options, signals: _Signals) -> int:
     launch = plan_launch(opts, os.environ)
     console = Console.create(color=_wants_color(opts.color, os.environ))
     group = spawn(
@@ -659,15 +669,9 @@ async def _run(opts: Options) -> int:
         grace=opts.grace,
         console=console,
     )
-    signals = _Signals(loop, opts.grace)
-    signals.install()
-    try:
-        async with group:
-            signals.attach(group)
-            result = await group.wait()
-        await signals.settle()
-    finally:
-        signals.uninstall()
+    async with group:
+        signals.attach(group)
+        result = await group.wait()
     signum = signals.first
     summary = render_summary(result, group.pids, signum=signum)
     failed = signum is not None or not result.ok
@@ -712,6 +716,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CorralError as exc:
         _say(f"{PROG}: error: {exc}")
         return 1
+    except KeyboardInterrupt:  # SIGINT before the handlers were installed: nothing started
+        _say(f"{PROG}: interrupted")
+        return 128 + signal.SIGINT
     finally:
         logger.removeHandler(handler)
         _quiet_stdout()

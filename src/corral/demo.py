@@ -37,7 +37,7 @@ def count_primes(start: int, stop: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one demo rank and return its exit status."""
     parser = argparse.ArgumentParser(prog="python -m corral.demo", description=__doc__)
-    parser.add_argument("--limit", type=int, default=60_000, help="count primes below this")
+    parser.add_argument("--limit", type=int, default=150_000, help="count primes below this")
     parser.add_argument("--fail", type=int, default=None, metavar="RANK", help="rank that fails")
     opts = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -46,11 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     start, stop = rank * share, min(opts.limit, (rank + 1) * share)
     print(f"hello from rank {rank} of {world} (pid {os.getpid()})", flush=True)
     print(f"rank {rank}/{world}: this is stderr", file=sys.stderr, flush=True)
+    if opts.fail == rank:
+        raise RuntimeError(f"rank {rank} was asked to fail (--fail {rank})")
     print(f"counting primes in [{start}, {stop})", flush=True)
     began = time.perf_counter()
     found = count_primes(start, stop)
-    if opts.fail == rank:
-        raise RuntimeError(f"rank {rank} was asked to fail (--fail {rank})")
     took = time.perf_counter() - began
     print(f"found {found} primes in {took * 1000:.0f} ms; done", flush=True)
     return 0
