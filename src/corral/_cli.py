@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn
 
 from ._errors import ConfigError, CorralError
-from ._group import spawn
+from ._group import Group, spawn
 from ._std import Std
 from ._tee import Console
 
@@ -587,8 +587,8 @@ class _Signals:
         self._loop = loop
         self._grace = grace
         self._installed: list[int] = []
-        self._group: object = None
-        self._tasks: list[asyncio.Task[object]] = []
+        self._group: Group | None = None
+        self._tasks: list[asyncio.Task[Result]] = []
         self.received: list[int] = []
 
     def install(self) -> None:
@@ -604,7 +604,7 @@ class _Signals:
             self._loop.remove_signal_handler(sig)
         self._installed.clear()
 
-    def attach(self, group: object) -> None:
+    def attach(self, group: Group) -> None:
         """The group has started: act on a signal that already arrived."""
         self._group = group
         if self.received:
@@ -628,10 +628,8 @@ class _Signals:
             self._close(hurry=len(self.received) > 1)
 
     def _close(self, *, hurry: bool) -> None:
-        from ._group import Group
-
         group = self._group
-        assert isinstance(group, Group)
+        assert group is not None
         coro = group.close(grace=0.0) if hurry else group.close()
         self._tasks.append(self._loop.create_task(coro))
 
