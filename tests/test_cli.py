@@ -437,9 +437,9 @@ def test_no_colour_with_no_color_or_when_piped() -> None:
 # -- signals --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signal_closes_group_and_leaves_nothing(sig: signal.Signals) -> None:
-    """SIGINT/SIGTERM to corral: ranks and grandchildren closed; status 128+N."""
+    """SIGINT/SIGTERM/SIGHUP to corral: ranks and grandchildren closed; status 128+N."""
     lines = start_corral("-n", "2", "--", PY, "-u", READY, "--grandchild")
     lines.wait_for(lambda: sum("ready" in x for x in lines.out) == 2)
     pids = ready_pids(lines.out)
@@ -649,3 +649,20 @@ def test_demo_runs_under_corral() -> None:
         assert f"[{r}]: hello from rank {r} of 4" in res.stdout
         assert f"[{r}]: rank {r}/4: this is stderr" in res.stderr
         assert re.search(rf"^\[{r}\]: found \d+ primes in \d+ ms; done$", res.stdout, re.M)
+
+
+def test_console_script() -> None:
+    """The ``corral`` script installed with the package runs the same command line."""
+    script = Path(sys.executable).parent / "corral"
+    if not script.exists():
+        pytest.skip("the corral script is not installed next to this interpreter")
+    res = subprocess.run(
+        [str(script), "run", "-n", "2", "--", *code("print('ok')")],
+        capture_output=True,
+        text=True,
+        env=corral_env(),
+        timeout=30,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    assert sorted(res.stdout.splitlines()) == ["[0]: ok", "[1]: ok"]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
+import torch  # type: ignore[import-not-found, unused-ignore]  # optional: torch is a bench extra
+import torch.distributed as dist  # type: ignore[import-not-found, unused-ignore]
 
 
 def main() -> None:
