@@ -355,6 +355,13 @@ def test_rank_killed_by_sigabrt_gives_134() -> None:
     assert "corral: logs in " in res.stderr
 
 
+def test_summary_falls_back_to_stdout() -> None:
+    """A rank that explains itself only on stdout: the summary shows its last stdout lines."""
+    res = corral("--", *code("print('config file not found'); raise SystemExit(3)"))
+    assert res.returncode == 3
+    assert "last 1 line(s) of its stdout:\n    | config file not found\n" in res.stderr
+
+
 def test_missing_program_is_a_rank_failure_127() -> None:
     """A program that does not exist fails its ranks with 127, explained, not a crash."""
     res = corral("-n", "2", "--", "/nonexistent/corral-test-program")

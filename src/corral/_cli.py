@@ -552,12 +552,16 @@ def _describe_root(root: Failure, tail: int) -> Iterator[str]:
     if root.message not in generic:
         yield f"    message: {root.message}"
     logs = root.logs
-    stderr_log = logs.stderr if logs is not None else None
-    shown = tail_lines(stderr_log, tail)
-    if shown:
-        yield f"    last {len(shown)} line(s) of its stderr:"
-        yield from (f"    | {line}" for line in shown)
-    elif root.traceback:
+    # Its stderr says why, usually; a rank that wrote none may have said it on stdout.
+    shown: list[str] = []
+    candidates = (("stderr", logs.stderr), ("stdout", logs.stdout)) if logs is not None else ()
+    for name, path in candidates:
+        shown = tail_lines(path, tail)
+        if shown:
+            yield f"    last {len(shown)} line(s) of its {name}:"
+            yield from (f"    | {line}" for line in shown)
+            break
+    if not shown and root.traceback:
         yield "    traceback:"
         yield from (f"    | {line}" for line in root.traceback.rstrip().splitlines()[-tail:])
     if logs is not None:
