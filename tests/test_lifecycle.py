@@ -119,13 +119,21 @@ async def test_unrunnable_executable_is_a_failure(tmp_path: Path, kind: str, cod
 async def test_poll_before_and_after(tmp_path: Path) -> None:
     """poll() is None while a rank runs, then the final Result (same as close's)."""
     console, out, _ = watched_console()
-    code = "import sys; print('ready', flush=True); sys.stdin.read(); sys.exit(0)"
+    code = textwrap.dedent(
+        """
+        import signal, sys, time
+        signal.signal(signal.SIGUSR1, lambda *_: sys.exit(0))
+        print('ready', flush=True)
+        time.sleep(600)
+        """
+    )
     async with (
         asyncio.timeout(10),
         corral.spawn(python(code), nprocs=2, tee="out", log_dir=tmp_path, console=console) as group,
     ):
         await out.wait_for(b"ready", 2)
         assert group.poll() is None
+        group.send_signal(signal.SIGUSR1)
         result = await group.wait()
         assert group.poll() == result
     assert result.ok
