@@ -276,6 +276,7 @@ class Group:
                     _killpg(r, signal.SIGKILL, held=True)
                     if not r.alive:
                         _platform.reap(r.pid)  # type: ignore[arg-type]
+                        r.reaped = True
             if self._watchdog is not None:
                 # End of file: the watchdog sweeps the rest of the group.
                 self._watchdog.abandon()

@@ -54,6 +54,10 @@ else:
     import _signal
 
 GROUP_KEY: Final = b"CORRAL_GROUP="
+#: The parent of every kernel thread (which has no arguments and no environment).
+_KTHREADD: Final = 2
+#: Pause before rescanning when a process was caught in the middle of an execve.
+UNSURE_RETRY: Final = 0.002
 #: Kill-and-rescan rounds before the watchdog gives up on a process that keeps forking.
 KILL_ROUNDS: Final = 50
 #: Longest wait for SIGKILLed processes to die in one round (they die in microseconds).
@@ -139,10 +143,10 @@ def members(
         since: boot ticks when the group started; older processes never match by session.
         exclude: pids never reported (they still link their children into the group).
         unsure: ``(parent, into)``: add to ``into`` the children of ``parent``
-            that are not members but cannot be told apart yet: a process in
-            the middle of ``execve`` shows an empty environment for a moment,
-            so a ``setsid()`` daemon re-parented to ``parent`` is invisible
-            then. The caller scans again shortly.
+            (any parent when it is 0) that are not members but cannot be told
+            apart yet: a process in the middle of ``execve`` shows an empty
+            environment for a moment, so a ``setsid()`` daemon re-parented to
+            ``parent`` is invisible then. The caller scans again shortly.
     """
     found: set[int] = set()
     for pid, st in table.items():
@@ -167,7 +171,7 @@ def members(
         parent, into = unsure
         for pid, st in table.items():
             if (
-                st.ppid == parent
+                (st.ppid == parent or (parent == 0 and st.ppid != _KTHREADD))
                 and pid not in found
                 and not st.zombie
                 and st.starttime >= since
@@ -308,7 +312,8 @@ class _Watch:
                     except OSError:
                         pass
             dying: list[int] = []
-            for pid in members(table, self.token, sessions, self.since, skip):
+            unsure: set[int] = set()
+            for pid in members(table, self.token, sessions, self.since, skip, (0, unsure)):
                 st = table[pid]
                 if st.zombie:
                     continue
@@ -323,9 +328,12 @@ class _Watch:
             for fd in self.ranks.values():
                 if fd is not None:
                     _send(fd, _signal.SIGKILL)
-            if not dying:
+            if dying:
+                _wait_all(dying)
+            elif unsure:
+                select.select([], [], [], UNSURE_RETRY)  # an execve hides a process: look again
+            else:
                 return
-            _wait_all(dying)
 
     def close(self) -> None:
         for fd in self.ranks.values():
