@@ -19,13 +19,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 import corral
 from corral import _platform, _watchdog
 
+from .children.contain_rank import run_shape
 from .conftest import python
 
 if TYPE_CHECKING:
@@ -196,6 +197,17 @@ def rank_argv(shape: str, fifo: Path) -> list[str]:
     return [sys.executable, RANK, shape, str(fifo)]
 
 
+ROOT = Path(__file__).parent.parent
+KINDS = ("command", "callable")
+
+
+def spawn_shape(kind: str, shape: str, fifo: Path, **kwargs: Any) -> corral.Group:
+    """A group whose ranks take ``shape``: the rank script, or its function as a callable rank."""
+    if kind == "callable":
+        return corral.spawn(run_shape, args=[shape, str(fifo)], cwd=ROOT, **kwargs)
+    return corral.spawn(rank_argv(shape, fifo), **kwargs)
+
+
 def _early_exit(group: corral.Group) -> str | None:
     """Why a rank cannot hand-shake any more (it exited), if so."""
     exited = {r.plan.rank: r.returncode for r in group._ranks if r.returncode is not None}
@@ -208,11 +220,11 @@ IN_PROCESS = ("succeed", "first_failure", "close", "cancel_wait", "exception")
 SUPERVISOR_SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sigkill": signal.SIGKILL}
 
 
-async def _end_in_process(ending: str, shape: str, tmp_path: Path) -> None:
+async def _end_in_process(kind: str, ending: str, shape: str, tmp_path: Path) -> None:
     since = _watchdog.boot_ticks()
     with handshakes(tmp_path) as hs:
-        group = corral.spawn(
-            rank_argv(shape, hs.path), nprocs=NPROCS, grace=GRACE, log_dir=tmp_path / "logs"
+        group = spawn_shape(
+            kind, shape, hs.path, nprocs=NPROCS, grace=GRACE, log_dir=tmp_path / "logs"
         )
         report = Report()
         watchdog_pid = None
@@ -265,14 +277,14 @@ async def _end_in_process(ending: str, shape: str, tmp_path: Path) -> None:
     assert _watchdog.read_stat(watchdog_pid) is None, "the watchdog outlived its group"
 
 
-async def _end_by_signal(ending: str, shape: str, tmp_path: Path) -> None:
+async def _end_by_signal(kind: str, ending: str, shape: str, tmp_path: Path) -> None:
     sig = SUPERVISOR_SIGNALS[ending]
     since = _watchdog.boot_ticks()
     with handshakes(tmp_path) as hs, subreaper():
         before = own_children()
         errors = open(tmp_path / "supervisor.err", "w+b")  # noqa: SIM115
         sup = subprocess.Popen(
-            [sys.executable, SUPERVISOR, shape, str(hs.path), str(NPROCS), str(GRACE)],
+            [sys.executable, SUPERVISOR, kind, shape, str(hs.path), str(NPROCS), str(GRACE)],
             cwd=tmp_path,
             stderr=errors,
         )
@@ -311,7 +323,8 @@ async def _end_by_signal(ending: str, shape: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("ending", IN_PROCESS + tuple(SUPERVISOR_SIGNALS))
-async def test_nothing_survives(ending: str, shape: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+async def test_nothing_survives(kind: str, ending: str, shape: str, tmp_path: Path) -> None:
     """After any ending of a group, no process it started is alive or a zombie.
 
     Endings: every rank succeeds, a first failure, close(), cancelling the
@@ -319,11 +332,12 @@ async def test_nothing_survives(ending: str, shape: str, tmp_path: Path) -> None
     SIGTERM/SIGINT/SIGKILL to a supervising process. Shapes: a plain rank, one
     with a child, with a setsid() grandchild whose parent exited, with 50
     children, ignoring SIGTERM (with a child), blocked writing a full pipe.
+    Each for a command rank and for a Python callable rank.
     """
     if ending in SUPERVISOR_SIGNALS:
-        await _end_by_signal(ending, shape, tmp_path)
+        await _end_by_signal(kind, ending, shape, tmp_path)
     else:
-        await _end_in_process(ending, shape, tmp_path)
+        await _end_in_process(kind, ending, shape, tmp_path)
 
 
 # -- what corral must leave alone ----------------------------------------------------------

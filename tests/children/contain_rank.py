@@ -1,6 +1,9 @@
 """A rank of a given *shape* for the containment tests.
 
-Usage: ``contain_rank.py SHAPE FIFO``. The rank builds its shape (children,
+Usage: ``contain_rank.py SHAPE FIFO``, or as a callable rank:
+``run_shape(SHAPE, FIFO)`` (importable as ``contain_rank`` with this folder
+as the working directory, or ``tests.children.contain_rank`` from the
+repository's root). The rank builds its shape (children,
 a setsid grandchild, ...), then writes one line to the FIFO (the handshake):
 ``RANK TOKEN PID [DESCENDANT_PID ...]``, and waits for its end: SIGUSR2 exits
 0, SIGUSR1 exits 1, anything else is up to the shape (SIGTERM ignored, ...).
@@ -59,8 +62,8 @@ def _fill_pipe() -> int:
     return w
 
 
-def main() -> None:
-    shape, fifo = sys.argv[1], sys.argv[2]
+def run_shape(shape: str, fifo: str) -> None:
+    """Build ``shape``, hand-shake through ``fifo``, then wait for the end (never returns)."""
     signal.signal(signal.SIGUSR1, lambda *_: os._exit(1))
     signal.signal(signal.SIGUSR2, lambda *_: os._exit(0))
     pids: list[int] = []
@@ -90,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_shape(sys.argv[1], sys.argv[2])

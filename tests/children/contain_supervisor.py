@@ -1,7 +1,8 @@
 """A supervising process for the containment tests: a script using the library.
 
-Usage: ``contain_supervisor.py SHAPE FIFO NPROCS GRACE``. It runs a group of
-``contain_rank.py`` ranks and waits for it. SIGTERM and SIGINT are handled
+Usage: ``contain_supervisor.py KIND SHAPE FIFO NPROCS GRACE``. It runs a group
+of ``contain_rank.py`` ranks (KIND ``command``: the script; ``callable``: its
+``run_shape`` function) and waits for it. SIGTERM and SIGINT are handled
 the way an application (or corral's CLI) would: by cancelling the task, which
 closes the group; the library itself installs no handler. The exit status is
 128 + the signal then.
@@ -10,6 +11,7 @@ closes the group; the library itself installs no handler. The exit status is
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import signal
 import sys
@@ -19,7 +21,7 @@ import corral
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-async def main(shape: str, fifo: str, nprocs: int, grace: float) -> int:
+async def main(kind: str, shape: str, fifo: str, nprocs: int, grace: float) -> int:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -31,9 +33,17 @@ async def main(shape: str, fifo: str, nprocs: int, grace: float) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    argv = [sys.executable, os.path.join(HERE, "contain_rank.py"), shape, fifo]
+    if kind == "callable":
+        # This folder is sys.path[0] here, and the ranks' working directory.
+        contain_rank = importlib.import_module("contain_rank")
+        group = corral.spawn(
+            contain_rank.run_shape, args=[shape, fifo], nprocs=nprocs, grace=grace, cwd=HERE
+        )
+    else:
+        argv = [sys.executable, os.path.join(HERE, "contain_rank.py"), shape, fifo]
+        group = corral.spawn(argv, nprocs=nprocs, grace=grace)
     try:
-        async with corral.spawn(argv, nprocs=nprocs, grace=grace) as group:
+        async with group:
             result = await group.wait()
     except asyncio.CancelledError:
         if got:
@@ -43,5 +53,5 @@ async def main(shape: str, fifo: str, nprocs: int, grace: float) -> int:
 
 
 if __name__ == "__main__":
-    shape, fifo, nprocs, grace = sys.argv[1:5]
-    sys.exit(asyncio.run(main(shape, fifo, int(nprocs), float(grace))))
+    kind, shape, fifo, nprocs, grace = sys.argv[1:6]
+    sys.exit(asyncio.run(main(kind, shape, fifo, int(nprocs), float(grace))))
