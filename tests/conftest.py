@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -9,8 +11,12 @@ from typing import TYPE_CHECKING
 import psutil
 import pytest
 
+from corral._tee import Console
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    from _typeshed import ReadableBuffer
 
 
 def python(code: str) -> list[str]:
@@ -18,8 +24,16 @@ def python(code: str) -> list[str]:
     return [sys.executable, "-u", "-c", code]
 
 
+#: Every process this test session starts inherits this marker, so the leftover
+#: check below never touches processes of another test run on the same machine.
+SESSION_KEY = "CORRAL_TEST_SESSION"
+SESSION = f"{os.getpid()}-{os.urandom(4).hex()}"
+os.environ[SESSION_KEY] = SESSION
+_SESSION_NEEDLE = f"{SESSION_KEY}={SESSION}\0".encode()
+
+
 def _marked_pids() -> set[int]:
-    """Processes carrying any corral group marker, found without parent links."""
+    """This session's processes carrying a corral group marker, found without parent links."""
     found: set[int] = set()
     if not os.path.isdir("/proc/self"):
         return found
@@ -29,7 +43,8 @@ def _marked_pids() -> set[int]:
             continue
         try:
             with open(f"/proc/{entry.name}/environ", "rb") as f:
-                if b"CORRAL_GROUP=" in f.read():
+                environ = f.read()
+                if b"CORRAL_GROUP=" in environ and _SESSION_NEEDLE in environ:
                     found.add(int(entry.name))
         except OSError:
             continue
@@ -74,3 +89,28 @@ def no_leftover_processes() -> Iterator[None]:
         except (psutil.Error, ChildProcessError):
             pass
     pytest.fail("test left processes behind:\n  " + "\n  ".join(report))
+
+
+class WatchedIO(io.BytesIO):
+    """A console stream that lets a test await a handshake line the tee wrote."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._changed = asyncio.Event()
+
+    def write(self, data: ReadableBuffer, /) -> int:
+        n = super().write(data)
+        self._changed.set()
+        return n
+
+    async def wait_for(self, pattern: bytes, count: int = 1) -> None:
+        """Return once ``pattern`` has been written ``count`` times (bound it with a timeout)."""
+        while self.getvalue().count(pattern) < count:
+            self._changed.clear()
+            await self._changed.wait()
+
+
+def watched_console() -> tuple[Console, WatchedIO, WatchedIO]:
+    """A colourless console over two WatchedIO streams (stdout, stderr)."""
+    out, err = WatchedIO(), WatchedIO()
+    return Console.create(stdout=out, stderr=err, color=False), out, err

@@ -136,7 +136,10 @@ def build_plan(
             child_env.update(common_env)
             child_env.update(per_rank_env.get(rank, {}))
             # Set last: containment depends on it, so the user cannot unset it.
-            child_env[GROUP_ENV] = token
+            # Started from inside another group's rank, keep that group's token
+            # too: the outer group must still find (and end) these ranks.
+            outer = parent_env.get(GROUP_ENV)
+            child_env[GROUP_ENV] = f"{outer}:{token}" if outer else token
             if call is not None:
                 argv, result_file = call.rank_argv(rank, per_rank_args[rank], rank_dir)
             else:

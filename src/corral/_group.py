@@ -19,7 +19,7 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Final
 
-from . import _platform, _reap
+from . import _platform, _reap, _watchdog
 from ._callable import load_result
 from ._config import Entrypoint, GroupPlan, RankPlan, StdSpec, _grace, build_plan
 from ._errors import ConfigError, CorralError
@@ -44,6 +44,8 @@ _log = logging.getLogger("corral")
 DRAIN_TIMEOUT: Final = 0.5
 #: How many kill-and-rescan rounds before giving up on a process that keeps forking.
 _KILL_ROUNDS: Final = 20
+#: Pause before rescanning when a child of ours was caught in the middle of an execve.
+_UNSURE_RETRY: Final = 0.002
 
 
 class _State(enum.IntEnum):
@@ -64,6 +66,7 @@ class _Rank:
         "plan",
         "popen_returncode_sink",
         "pumps",
+        "reaped",
         "returncode",
     )
 
@@ -76,25 +79,40 @@ class _Rank:
         self.exec_failed: ExecFailed | None = None
         self.pumps: list[Pump] = []
         self.popen_returncode_sink: object = None
+        #: The rank is kept a zombie after its exit until the group closes,
+        #: so its pid (= its session and process-group id) stays reserved.
+        self.reaped = False
 
     @property
     def alive(self) -> bool:
         return self.pid is not None and self.returncode is None
 
+    @property
+    def held(self) -> bool:
+        """Its pid is ours (alive or an unreaped zombie): its process group can be signalled."""
+        return self.pid is not None and not self.reaped
+
 
 class _Killer:
-    """Descendants being ended: pidfds and their exits, event-driven."""
+    """Descendants being ended: pidfds and their exits, event-driven.
+
+    Every member seen is remembered with its start time (``seen``): once dead
+    its environment is unreadable, and that record is how a re-parented
+    zombie is still recognised as ours. A member that turns out to be our
+    child (re-parented to us, the subreaper) is reaped through its pidfd as
+    soon as it exits.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.live: dict[int, tuple[_reap.Member, int | None]] = {}
-        self.seen: set[int] = set()
+        self.seen: dict[int, int] = {}
         self._changed = asyncio.Event()
 
     def add(self, members: Iterable[_reap.Member]) -> list[_reap.Member]:
         added = []
         for m in members:
-            self.seen.add(m.pid)
+            self.seen[m.pid] = m.starttime
             if m.zombie or m.pid in self.live:
                 continue
             fd = _reap.open_member(m)
@@ -109,8 +127,10 @@ class _Killer:
     def _on_exit(self, pid: int) -> None:
         entry = self.live.pop(pid, None)
         if entry is not None and entry[1] is not None:
-            self._loop.remove_reader(entry[1])
-            os.close(entry[1])
+            member, fd = entry[0], entry[1]
+            self._loop.remove_reader(fd)
+            _reap.reap_member(member, fd)
+            os.close(fd)
         self._changed.set()
 
     def signal_all(self, sig: int) -> None:
@@ -156,6 +176,8 @@ class Group:
         self._result: Result | None = None
         self._since = 0
         self._started_at = 0.0
+        self._watchdog: _reap.Watchdog | None = None
+        self._subreaper = False
         self.nprocs: int = plan.nprocs
         self.log_dir: Path = plan.log_dir
         self.logs: dict[int, RankLogs] = {rp.rank: rp.logs for rp in plan.ranks}
@@ -250,8 +272,14 @@ class Group:
     def __del__(self, _warn: object = warnings.warn) -> None:
         if self._state in (_State.RUNNING, _State.CLOSING) and self._closer is None:
             for r in self._ranks:
-                if r.alive:
-                    _killpg(r, signal.SIGKILL)
+                if r.held:
+                    _killpg(r, signal.SIGKILL, held=True)
+                    if not r.alive:
+                        _platform.reap(r.pid)  # type: ignore[arg-type]
+                        r.reaped = True
+            if self._watchdog is not None:
+                # End of file: the watchdog sweeps the rest of the group.
+                self._watchdog.abandon()
             warnings.warn(
                 f"unclosed {self!r}: its ranks were killed", ResourceWarning, stacklevel=1
             )
@@ -271,16 +299,21 @@ class Group:
         self._settled = asyncio.Event()
         self._exits_changed = asyncio.Event()
         self._deadline_changed = asyncio.Event()
-        _platform.become_subreaper()
+        plan = self._plan
+        try:
+            _platform.ensure_fd_budget(_fd_budget(plan))
+        except OSError as exc:
+            raise CorralError(f"could not start the group: {exc.strerror}") from exc
+        self._subreaper = True
+        _platform.acquire_subreaper()
         self._since = _reap.boot_ticks_now()
         self._started_at = time.time()
         self._state = _State.RUNNING
-        plan = self._plan
         console = self._console
-        if console is None and any(rp.tee for rp in plan.ranks):
-            console = self._console = Console.create()
         pending: list[asyncio.Future[Pump]] = []
         try:
+            if console is None and any(rp.tee for rp in plan.ranks):
+                console = self._console = Console.create()
             for r in self._ranks:
                 rp = r.plan
                 outcome = start_rank(plan, rp)
@@ -293,7 +326,7 @@ class Group:
                 r.pid = popen.pid
                 r.popen_returncode_sink = popen
                 self._live += 1
-                _platform.watch_exit(loop, popen.pid, _exit_callback(self, r, popen))
+                _platform.watch_exit(loop, popen.pid, _exit_callback(self, r, popen), reap=False)
                 for name, pipe, path, stream in (
                     ("out", outcome.stdout, rp.logs.stdout, console.stdout if console else None),
                     ("err", outcome.stderr, rp.logs.stderr, console.stderr if console else None),
@@ -307,6 +340,11 @@ class Group:
                     pending.append(
                         asyncio.ensure_future(open_pump(rp.rank, name, pipe, path, stream, prefix))
                     )
+            # Started after the ranks, so its own start-up (a few ms of CPU)
+            # does not delay theirs; nothing waits for it to be ready.
+            watchdog = self._watchdog = _reap.Watchdog.start(plan.token, self._since)
+            if watchdog is not None:
+                watchdog.add_ranks(loop, [r.pid for r in self._ranks if r.pid is not None])
             if pending:
                 pumps = await asyncio.gather(*pending)
                 for pump in pumps:
@@ -316,6 +354,9 @@ class Group:
             for fut in pending:
                 if not fut.done():
                     fut.cancel()
+            for r in self._ranks:
+                if r.pid is None and r.exec_failed is None:
+                    r.exec_failed = ExecFailed(1, "not started: the group failed to start")
             await self._close_shielded(0.0, hurry_on_cancel=False)
             if isinstance(exc, OSError):
                 raise CorralError(f"could not start the group: {exc}") from exc
@@ -377,39 +418,59 @@ class Group:
             # 1. Snapshot descendants first: once a rank dies its children are
             #    re-parented and parent links no longer lead to them.
             killer.add(self._scan())
-            # 2. SIGTERM every live rank's process group and every descendant.
+            # 2. SIGTERM every rank's process group (an exited rank's group may
+            #    still hold its children) and every descendant found.
             for r in self._ranks:
-                if r.alive:
-                    _killpg(r, signal.SIGTERM)
+                _killpg(r, signal.SIGTERM, held=True)
             killer.signal_all(signal.SIGTERM)
             # 3. The grace period: ends early when everything is gone.
             await self._wait_dead(killer, use_deadline=True)
-            # 4. SIGKILL what remains; rescan until no process of the group is left.
+            # 4. SIGKILL what remains; rescan until a scan finds no live member
+            #    after every rank is dead (one scan when all went on SIGTERM).
+            table = None
             for _ in range(_KILL_ROUNDS):
                 for r in self._ranks:
-                    if r.alive:
-                        _killpg(r, signal.SIGKILL)
-                killer.add(self._scan())
+                    _killpg(r, signal.SIGKILL, held=True)
                 killer.signal_all(signal.SIGKILL)
                 killer.forget_untracked()
                 await self._wait_dead(killer, use_deadline=False)
-                if not killer.add(self._scan()) and not any(r.alive for r in self._ranks):
-                    break
+                table = _reap.snapshot()
+                unsure: set[int] = set()
+                if not killer.add(self._scan(table, unsure)) and not any(
+                    r.alive for r in self._ranks
+                ):
+                    if not unsure:
+                        break
+                    # A child of ours is mid-execve, its environment unreadable:
+                    # look again once the exec is through (rare, bounded).
+                    await asyncio.sleep(_UNSURE_RETRY)
             else:
                 _log.error("corral: processes of %s kept appearing after SIGKILL", self)
-            # 5. Reap descendants re-parented to us (we are a subreaper).
-            self._reap_orphans(killer)
-            # 6. Drain the pumps: with every writer dead, EOF is immediate.
+            # 5. The group is dead: the watchdog has nothing left to guard.
+            if self._watchdog is not None:
+                await self._watchdog.stop()
+            # 6. Reap the member zombies re-parented to us (in the last scan: no
+            #    member is alive to add more); the ranks are reaped last.
+            self._reap_orphans(killer, table)
+            # 7. Drain the pumps: with every writer dead, EOF is immediate.
             await self._drain()
         finally:
             killer.close()
+            self._reap_ranks()
+            if self._subreaper:
+                self._subreaper = False
+                _platform.release_subreaper()
             self._state = _State.CLOSED
         self._result = self._build_result()
         return self._result
 
-    def _scan(self) -> list[_reap.Member]:
-        sessions = [r.pid for r in self._ranks if r.pid is not None]
-        return _reap.scan(self._plan.token, sessions, self._since, exclude=sessions)
+    def _scan(
+        self,
+        table: Mapping[int, _watchdog.Stat] | None = None,
+        unsure: set[int] | None = None,
+    ) -> list[_reap.Member]:
+        sessions = [r.pid for r in self._ranks if r.pid is not None and r.held]
+        return _reap.scan(self._plan.token, sessions, self._since, sessions, table, unsure)
 
     async def _wait_dead(self, killer: _Killer, *, use_deadline: bool) -> None:
         """Wait until no rank and no tracked descendant is alive (or the deadline passes)."""
@@ -437,13 +498,17 @@ class Group:
                 for w in waiters:
                     w.cancel()
 
-    def _reap_orphans(self, killer: _Killer) -> None:
-        for pid in killer.seen:
-            _reap.reap_if_child(pid)
-        # Zombies re-parented to us after their parent member died.
-        for m in self._scan():
-            if m.zombie and m.ppid == os.getpid():
-                _reap.reap_if_child(m.pid)
+    def _reap_orphans(self, killer: _Killer, table: Mapping[int, _watchdog.Stat] | None) -> None:
+        """Reap the zombies of members re-parented to us (we are their subreaper)."""
+        sessions = [r.pid for r in self._ranks if r.pid is not None and r.held]
+        _reap.reap_zombie_children(killer.seen, sessions, self._since, table)
+
+    def _reap_ranks(self) -> None:
+        for r in self._ranks:
+            if r.held and not r.alive:
+                assert r.pid is not None
+                _platform.reap(r.pid)
+                r.reaped = True
 
     async def _drain(self) -> None:
         pumps = [p for r in self._ranks for p in r.pumps]
@@ -502,7 +567,12 @@ class Group:
             terminated=frozenset(terminated),
             logs=dict(self.logs),
             log_dir=self.log_dir,
+            log_errors=self._log_errors(),
         )
+
+    def _log_errors(self) -> dict[int, tuple[str, ...]]:
+        errors = {r.plan.rank: tuple(p.error for p in r.pumps if p.error) for r in self._ranks}
+        return {rank: e for rank, e in errors.items() if e}
 
     def _failure(self, r: _Rank, code: int, message: str | None = None) -> Failure:
         """Build rank ``r``'s Failure: the error file, when there is one, explains it."""
@@ -572,9 +642,19 @@ class _ExitCallback:
         self.group._on_exit(self.rank, returncode)
 
 
-def _killpg(r: _Rank, sig: int) -> None:
-    """Signal a live rank's process group (its pid is held until we reap it: no reuse race)."""
-    if r.alive:
+def _fd_budget(plan: GroupPlan) -> int:
+    """File descriptors the supervisor holds for a running group (see ``ensure_fd_budget``)."""
+    per_rank = (1 + 2 * ((rp.tee & Std.OUT != 0) + (rp.tee & Std.ERR != 0)) for rp in plan.ranks)
+    return sum(per_rank) + 8  # + the watchdog's pipe, a rank's transient spawn pipes
+
+
+def _killpg(r: _Rank, sig: int, *, held: bool = False) -> None:
+    """Signal a rank's process group: a live rank's, or with ``held`` an unreaped one's.
+
+    The rank's pid is ours until we reap it, at the very end of closing: its
+    process group id cannot have been recycled.
+    """
+    if r.alive or (held and r.held):
         assert r.pid is not None
         try:
             os.killpg(r.pid, sig)

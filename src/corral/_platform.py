@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     import asyncio
@@ -19,8 +19,10 @@ if TYPE_CHECKING:
 __all__ = (
     "HAS_PIDFD",
     "HAS_PROC",
-    "become_subreaper",
+    "acquire_subreaper",
+    "ensure_fd_budget",
     "pidfd_open",
+    "release_subreaper",
     "watch_exit",
 )
 
@@ -47,39 +49,132 @@ HAS_PIDFD: bool = _probe_pidfd()
 HAS_PROC: bool = IS_LINUX and os.path.isdir("/proc/self")
 
 _subreaper_lock = threading.Lock()
-_subreaper: bool | None = None
+_subreaper_users = 0
+#: This process was a subreaper before corral touched it: never undo that.
+_subreaper_inherited: bool | None = None
+_PR_SET_CHILD_SUBREAPER: Final = 36
+_PR_GET_CHILD_SUBREAPER: Final = 37
 
 
-def become_subreaper() -> bool:
-    """Make this process the reaper of its orphaned descendants (Linux, once).
+def acquire_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants while a group lives (Linux).
 
     A rank's descendants whose parent exits are re-parented to the nearest
-    ``PR_SET_CHILD_SUBREAPER`` ancestor instead of init. Where init does not
-    reap (many containers' PID 1 never calls ``wait``), that is the only way
-    their zombies can be collected. corral reaps only processes it identifies
-    as members of its own groups; see ``_reap``.
+    ``PR_SET_CHILD_SUBREAPER`` ancestor instead of PID 1. Where PID 1 does not
+    reap (many containers' init never calls ``wait``) that is the only way
+    their zombies can be collected, and it keeps them where corral can find
+    and end them. The attribute is process-wide, so it is counted: the first
+    live group sets it, the last one to close clears it again (unless this
+    process was a subreaper before corral came), so a host's own orphans are
+    affected only while a group lives. corral reaps only processes it
+    identifies as members of its own groups; see ``_reap``.
 
     Returns:
-        True when this process is a subreaper.
+        True when this process is now a subreaper.
     """
-    global _subreaper
-    with _subreaper_lock:
-        if _subreaper is None:
-            _subreaper = _prctl_subreaper()
-        return _subreaper
-
-
-def _prctl_subreaper() -> bool:
+    global _subreaper_users, _subreaper_inherited
     if not IS_LINUX:
         return False
+    with _subreaper_lock:
+        if _subreaper_inherited is None:
+            _subreaper_inherited = _prctl_get_subreaper()
+        _subreaper_users += 1
+        if _subreaper_inherited or _subreaper_users > 1:
+            return True
+        return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def release_subreaper() -> None:
+    """Undo one :func:`acquire_subreaper` (the last one clears the attribute)."""
+    global _subreaper_users
+    if not IS_LINUX:
+        return
+    with _subreaper_lock:
+        _subreaper_users = max(0, _subreaper_users - 1)
+        if _subreaper_users == 0 and not _subreaper_inherited:
+            _prctl(_PR_SET_CHILD_SUBREAPER, 0)
+
+
+def _libc() -> Any:
     import ctypes
 
-    pr_set_child_subreaper: Final = 36
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _prctl(option: int, value: int) -> bool:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0)
+        return bool(_libc().prctl(option, value, 0, 0, 0) == 0)
     except (OSError, AttributeError):  # no prctl symbol: not Linux/glibc
         return False
+
+
+def _prctl_get_subreaper() -> bool:
+    import ctypes
+
+    flag = ctypes.c_int(0)
+    try:
+        ok = _libc().prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+    return bool(ok and flag.value)
+
+
+def ensure_fd_budget(needed: int) -> None:
+    """Make room for ``needed`` more file descriptors, raising the soft limit if it must.
+
+    A teed rank costs up to 5 descriptors in the supervisor (two pipe ends,
+    two log files, a pidfd), so a 1024 soft ``RLIMIT_NOFILE`` (a common
+    default) runs out near 200 ranks. When the open descriptors plus
+    ``needed`` would not fit, the soft limit is raised to the hard one (a
+    process-wide change, logged); asyncio's epoll loop is not bound by
+    ``FD_SETSIZE``, but ``select.select`` elsewhere in the host would be.
+
+    Raises:
+        OSError: even the hard limit is too small (``errno.EMFILE``, with a
+            message naming the budget).
+    """
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or needed < 64:
+        return
+    in_use = _open_fds()
+    want = in_use + needed + 32
+    if want <= soft:
+        return
+    if hard == resource.RLIM_INFINITY or want <= hard:
+        new = hard if hard != resource.RLIM_INFINITY else max(want, soft)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError):
+            pass
+        else:
+            _log.info(
+                "corral: raised the soft RLIMIT_NOFILE from %d to %d for %d more descriptors",
+                soft,
+                new,
+                needed,
+            )
+            return
+    import errno
+
+    raise OSError(
+        errno.EMFILE,
+        f"the group needs about {needed} file descriptors (up to 5 per teed rank, 1 per "
+        f"rank) and {in_use} are open, but RLIMIT_NOFILE allows {soft} (hard limit {hard}); "
+        "raise it (ulimit -n) or tee fewer ranks",
+    )
+
+
+def _open_fds() -> int:
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(folder))
+        except OSError:
+            continue
+    return 0
 
 
 def pidfd_open(pid: int) -> int | None:
@@ -92,46 +187,82 @@ def pidfd_open(pid: int) -> int | None:
         return None
 
 
-def watch_exit(loop: asyncio.AbstractEventLoop, pid: int, callback: Callable[[int], None]) -> None:
-    """Call ``callback(returncode)`` on ``loop`` once child ``pid`` exits and is reaped.
+def watch_exit(
+    loop: asyncio.AbstractEventLoop,
+    pid: int,
+    callback: Callable[[int], None],
+    *,
+    reap: bool = True,
+) -> None:
+    """Call ``callback(returncode)`` on ``loop`` once child ``pid`` exits.
 
     With pidfds the wait costs no thread: the pidfd turns readable when the
-    child exits and the loop reaps it with ``waitpid(WNOHANG)``. Without them
-    (macOS, old kernels) a daemon thread blocks in ``waitpid`` for that child,
-    like asyncio's ``ThreadedChildWatcher``.
+    child exits. Without them (macOS, old kernels) a daemon thread blocks in
+    ``waitid`` for that child, like asyncio's ``ThreadedChildWatcher``.
+
+    Args:
+        loop: the loop that runs ``callback``.
+        pid: a child of this process.
+        callback: receives the Popen-style return code (negative: signal).
+        reap: reap the child. With ``False`` its status is read with
+            ``WNOWAIT`` and it stays a zombie until :func:`reap` : its pid,
+            which is also its session and process-group id, cannot be
+            recycled meanwhile.
     """
     fd = pidfd_open(pid)
     if fd is None:
-        _watch_with_thread(loop, pid, callback)
+        _watch_with_thread(loop, pid, callback, reap)
         return
 
     def on_readable() -> None:
-        try:
-            got, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            # Someone else (a waitpid(-1) reaper in the host) took the status.
-            _log.warning("corral: the exit status of pid %d was reaped by someone else", pid)
-            got, status = pid, 255 << 8
-        if got == 0:  # spurious wake-up; the pidfd stays registered
+        code = _exit_status(pid, reap=reap, block=False)
+        if code is None:  # spurious wake-up; the pidfd stays registered
             return
         loop.remove_reader(fd)
         os.close(fd)
-        callback(os.waitstatus_to_exitcode(status))
+        callback(code)
 
     loop.add_reader(fd, on_readable)
 
 
+def _exit_status(pid: int, *, reap: bool, block: bool) -> int | None:
+    """The return code of exited child ``pid`` (None: still running), reaping it if asked."""
+    if not hasattr(os, "waitid"):  # macOS: no waitid, so no WNOWAIT either; reap
+        try:
+            got, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            _log.warning("corral: the exit status of pid %d was reaped by someone else", pid)
+            return 255
+        return os.waitstatus_to_exitcode(status) if got == pid else None
+    options = os.WEXITED | (0 if block else os.WNOHANG) | (0 if reap else os.WNOWAIT)
+    try:
+        info = os.waitid(os.P_PID, pid, options)
+    except ChildProcessError:
+        # Someone else (a waitpid(-1) reaper in the host) took the status.
+        _log.warning("corral: the exit status of pid %d was reaped by someone else", pid)
+        return 255
+    if info is None:
+        return None
+    if info.si_code == os.CLD_EXITED:
+        return info.si_status
+    return -info.si_status  # CLD_KILLED, CLD_DUMPED
+
+
+def reap(pid: int) -> None:
+    """Reap child ``pid`` whose exit :func:`watch_exit` reported with ``reap=False``."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # reaped by someone else already
+
+
 def _watch_with_thread(
-    loop: asyncio.AbstractEventLoop, pid: int, callback: Callable[[int], None]
+    loop: asyncio.AbstractEventLoop, pid: int, callback: Callable[[int], None], reap: bool
 ) -> None:
     def run() -> None:
+        code = _exit_status(pid, reap=reap, block=True)
         try:
-            _, status = os.waitpid(pid, 0)
-            code = os.waitstatus_to_exitcode(status)
-        except ChildProcessError:
-            code = 255
-        try:
-            loop.call_soon_threadsafe(callback, code)
+            loop.call_soon_threadsafe(callback, 255 if code is None else code)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
 

@@ -1,38 +1,59 @@
-"""Find, signal and reap the descendants of a group's ranks.
+"""Find, signal and reap the descendants of a group's ranks; run its watchdog.
 
 Parent links are not enough: once a rank dies its children are re-parented,
 and a daemon that called ``setsid()`` leaves the rank's session and process
-group. A process belongs to a group when any of these holds:
+group. Membership is decided from a ``/proc`` snapshot by the rules in
+``_watchdog`` (session id, ``CORRAL_GROUP`` token, parent a member), shared
+with the watchdog process so both see the same group.
 
-* its session id is a rank's pid (every rank is a session leader; its
-  descendants keep the session unless they call ``setsid``) and it started
-  after the group did (so a recycled pid cannot match);
-* its environment carries the group's token in ``CORRAL_GROUP`` (inherited by
-  default through ``fork``/``exec``, which catches ``setsid`` daemons);
-* its parent belongs to the group.
+Nothing outside the group is ever signalled or reaped:
 
-On Linux the scan reads ``/proc``; elsewhere it falls back to psutil's parent
-links, taken before the first signal.
+* a rank is reaped only when the group closes, so its pid (its session and
+  process-group id) is never recycled while its group lives, and the session
+  rule cannot match a stranger;
+* every other process is signalled through a pidfd opened *after* the scan
+  and checked against the start time the scan saw, so a recycled pid is
+  never hit;
+* a zombie is reaped only when it is this process's child (re-parented to us
+  as the subreaper) *and* was identified as a member, again through a pidfd
+  whose start time matches (``waitid(P_PIDFD)``): the host's own children
+  and their exit statuses are left alone.
+
+Elsewhere than Linux the scan falls back to psutil's parent links, taken
+before the first signal, and there is no watchdog.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from . import _platform
+from . import _platform, _watchdog
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Iterable
+    from collections.abc import Collection, Iterable, Mapping
 
-__all__ = ("Member", "boot_ticks_now", "scan", "signal_member")
+__all__ = (
+    "Member",
+    "Watchdog",
+    "boot_ticks_now",
+    "open_member",
+    "reap_member",
+    "reap_zombie_children",
+    "scan",
+    "signal_member",
+    "snapshot",
+)
 
 _log = logging.getLogger("corral")
-_GROUP_KEY: Final = b"CORRAL_GROUP="
+_HAS_P_PIDFD: Final = hasattr(os, "P_PIDFD") and hasattr(os, "waitid")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,86 +70,51 @@ def boot_ticks_now() -> int:
     """The current time in clock ticks since boot, the unit of ``/proc/PID/stat``'s starttime."""
     if not _platform.HAS_PROC:
         return 0
-    with open("/proc/uptime", "rb") as f:
-        uptime = float(f.read().split()[0])
-    # Round down and step back a tick: a rank started in the same tick must match.
-    return max(0, int(uptime * os.sysconf("SC_CLK_TCK")) - 1)
+    return _watchdog.boot_ticks()
 
 
-def _stat(pid: int) -> tuple[int, int, int, bool] | None:
-    """Return (ppid, sid, starttime, zombie) of ``pid``, or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2 :].split()
-    # fields[0] is the state; ppid, pgrp, session follow; starttime is field 22 (index 19 here).
-    return int(fields[1]), int(fields[3]), int(fields[19]), fields[0] == b"Z"
-
-
-def _has_token(pid: int, token: bytes) -> bool:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            environ = f.read()
-    except OSError:
-        return False
-    start = environ.find(_GROUP_KEY)
-    while start >= 0:
-        end = environ.find(b"\0", start)
-        value = environ[start + len(_GROUP_KEY) : end if end >= 0 else None]
-        if token in value.split(b":"):
-            return True
-        start = environ.find(_GROUP_KEY, start + 1)
-    return False
+def snapshot() -> dict[int, _watchdog.Stat]:
+    """Every process but this one (empty where there is no ``/proc``)."""
+    if not _platform.HAS_PROC:
+        return {}
+    return _watchdog.proc_table(skip=(os.getpid(),))
 
 
 def scan(
-    token: str, sessions: Collection[int], since: int, exclude: Collection[int]
+    token: str,
+    sessions: Collection[int],
+    since: int,
+    exclude: Collection[int],
+    table: Mapping[int, _watchdog.Stat] | None = None,
+    unsure: set[int] | None = None,
 ) -> list[Member]:
     """Return the live or zombie descendants of a group, found without parent links.
 
     Args:
         token: the group's ``CORRAL_GROUP`` token.
-        sessions: the ranks' pids (each rank leads its own session).
+        sessions: the unreaped ranks' pids (each rank leads its own session).
         since: boot ticks when the group started; older processes never match by session.
-        exclude: pids never to report (the ranks themselves, the supervisor).
+        exclude: pids never to report (the ranks themselves).
+        table: a :func:`snapshot` to use instead of a fresh one.
+        unsure: receives our children that may be members caught mid-``execve``
+            (see ``_watchdog.members``): scan again shortly.
     """
     if not _platform.HAS_PROC:
         return _scan_psutil(sessions, exclude)
-    me = os.getpid()
-    token_b = token.encode()
-    session_set = set(sessions)
-    table: dict[int, tuple[int, int, int, bool]] = {}
-    for entry in os.scandir("/proc"):
-        name = entry.name
-        if not name.isdigit():
-            continue
-        pid = int(name)
-        if pid == me:
-            continue
-        st = _stat(pid)
-        if st is not None:
-            table[pid] = st
-    members: set[int] = set()
-    for pid, (_ppid, sid, start, zombie) in table.items():
-        if pid in exclude:
-            continue
-        if (sid in session_set and start >= since) or (not zombie and _has_token(pid, token_b)):
-            members.add(pid)
-    # Close over parent links: children of members are members (even with a cleared env).
-    roots = members | (set(sessions) & table.keys())
-    changed = True
-    while changed:
-        changed = False
-        for pid, (ppid, _sid, _start, _z) in table.items():
-            if ppid in roots and pid not in roots and pid not in exclude and pid != me:
-                roots.add(pid)
-                members.add(pid)
-                changed = True
+    if table is None:
+        table = snapshot()
+    found = _watchdog.members(
+        table,
+        token.encode(),
+        set(sessions),
+        since,
+        exclude,
+        None if unsure is None else (os.getpid(), unsure),
+    )
     return [
-        Member(pid=pid, ppid=table[pid][0], starttime=table[pid][2], zombie=table[pid][3])
-        for pid in sorted(members)
+        Member(pid=pid, ppid=st.ppid, starttime=st.starttime, zombie=st.zombie)
+        for pid, st in sorted(table.items())
+        if pid in found
     ]
 
 
@@ -160,10 +146,11 @@ def open_member(member: Member) -> int | None:
     fd = _platform.pidfd_open(member.pid)
     if fd is None:
         return None
-    st = _stat(member.pid) if _platform.HAS_PROC else None
-    if _platform.HAS_PROC and (st is None or st[2] != member.starttime):
-        os.close(fd)
-        return None
+    if _platform.HAS_PROC:
+        st = _watchdog.read_stat(member.pid)
+        if st is None or st.starttime != member.starttime:
+            os.close(fd)
+            return None
     return fd
 
 
@@ -178,10 +165,190 @@ def signal_member(member: Member, pidfd: int | None, sig: int) -> None:
         pass  # already gone (or never ours to signal)
 
 
-def reap_if_child(pid: int) -> bool:
-    """Reap ``pid`` if it is our (re-parented) child and has exited; True if reaped."""
+def reap_member(member: Member, pidfd: int | None) -> bool:
+    """Reap ``member`` if it has exited and is our (re-parented) child; True if reaped.
+
+    With a pidfd the ``waitid(P_PIDFD)`` can only ever reap that very process.
+    """
     try:
-        got, _ = os.waitpid(pid, os.WNOHANG)
+        if pidfd is not None and _HAS_P_PIDFD:
+            info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+            return info is not None
+        if _platform.HAS_PROC:
+            st = _watchdog.read_stat(member.pid)
+            if st is None or st.starttime != member.starttime:
+                return False
+        got, _ = os.waitpid(member.pid, os.WNOHANG)
     except ChildProcessError:
-        return False
-    return got == pid
+        return False  # not our child: its own parent reaps it
+    return got == member.pid
+
+
+def reap_zombie_children(
+    known: Mapping[int, int],
+    sessions: Collection[int],
+    since: int,
+    table: Mapping[int, _watchdog.Stat] | None = None,
+) -> int:
+    """Reap every zombie child of this process that is a member of the group.
+
+    Call it once no member is alive any more: the zombies in ``table`` are
+    then every member left unreaped.
+
+    A member is known by ``(pid, starttime)`` from an earlier scan (a zombie's
+    environment can no longer be read, so a ``setsid`` daemon is recognised
+    only that way) or matches the session rule now.
+
+    Returns:
+        How many were reaped.
+    """
+    if not _platform.HAS_PROC:
+        return 0
+    me = os.getpid()
+    if table is None:
+        table = snapshot()
+    session_set = set(sessions)
+    reaped = 0
+    for pid, st in table.items():
+        if not st.zombie or st.ppid != me:
+            continue
+        if known.get(pid) != st.starttime and not (st.sid in session_set and st.starttime >= since):
+            continue
+        member = Member(pid=pid, ppid=me, starttime=st.starttime, zombie=True)
+        fd = open_member(member)
+        try:
+            if (fd is not None or not _platform.HAS_PIDFD) and reap_member(member, fd):
+                reaped += 1
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return reaped
+
+
+class Watchdog:
+    """The supervisor's end of a group's watchdog process (see ``_watchdog``).
+
+    It is started before the first rank and told each rank's pid; nothing
+    waits for it to be ready (the pipe holds the pids until it reads them, and
+    a watchdog that starts after the supervisor died still finds the group).
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes], fd: int) -> None:
+        self._popen = popen
+        self._fd: int | None = fd
+        self._pending = b""
+        self._writer_loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def pid(self) -> int:
+        """The watchdog's process id."""
+        return self._popen.pid
+
+    @classmethod
+    def start(cls, token: str, since: int) -> Watchdog | None:
+        """Start the watchdog of a group, or return None where there is none (logged).
+
+        Linux with pidfds only: the watchdog pins processes with pidfds and
+        finds them in ``/proc``.
+        """
+        if not (_platform.HAS_PROC and _platform.HAS_PIDFD) or not sys.executable:
+            return None
+        read_end, write_end = os.pipe()
+        try:
+            popen = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    _watchdog.__file__,
+                    str(os.getpid()),
+                    token,
+                    str(since),
+                ],
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                close_fds=True,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            os.close(write_end)
+            _log.warning(
+                "corral: no watchdog for this group (%s): if this process is "
+                "killed, its ranks survive it",
+                exc,
+            )
+            return None
+        finally:
+            os.close(read_end)
+        os.set_blocking(write_end, False)
+        return cls(popen, write_end)
+
+    def add_ranks(self, loop: asyncio.AbstractEventLoop, pids: Iterable[int]) -> None:
+        """Tell the watchdog about ranks (never blocks: a full pipe is flushed by the loop)."""
+        if self._fd is None:
+            return
+        self._pending += b"".join(b"%d\n" % pid for pid in pids)
+        if self._writer_loop is None:
+            self._flush()
+            if self._pending and self._fd is not None:
+                self._writer_loop = loop
+                loop.add_writer(self._fd, self._flush)
+
+    def _flush(self) -> None:
+        fd = self._fd
+        if fd is None:
+            return
+        try:
+            while self._pending:
+                n = os.write(fd, self._pending)
+                self._pending = self._pending[n:]
+        except BlockingIOError:
+            return
+        except OSError as exc:  # the watchdog died: nothing more to tell it
+            _log.warning("corral: the group's watchdog is gone: %s", exc)
+            self._pending = b""
+        if self._writer_loop is not None:
+            self._writer_loop.remove_writer(fd)
+            self._writer_loop = None
+
+    async def stop(self) -> None:
+        """End the watchdog (SIGKILL: its work is done) and reap it."""
+        loop = asyncio.get_running_loop()
+        popen = self._popen
+        if popen.returncode is None:
+            exited: asyncio.Future[int] = loop.create_future()
+
+            def on_exit(code: int) -> None:
+                if not exited.done():
+                    exited.set_result(code)
+
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(popen.pid, signal.SIGKILL)  # still our unreaped child: no reuse race
+            _platform.watch_exit(loop, popen.pid, on_exit)
+            popen.returncode = await exited
+            if popen.returncode != -signal.SIGKILL:
+                _log.warning(
+                    "corral: the group's watchdog had exited early (code %d): the group "
+                    "was not protected against the death of this process",
+                    popen.returncode,
+                )
+        self._close_pipe()
+
+    def abandon(self) -> None:
+        """Close the pipe without stopping the watchdog: it kills the group and exits.
+
+        For a group that was never closed (``Group.__del__``); the watchdog is
+        reaped later by ``subprocess``'s own clean-up of abandoned children.
+        """
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        if self._writer_loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self._writer_loop.remove_writer(fd)
+            self._writer_loop = None
+        os.close(fd)

@@ -108,6 +108,9 @@ class Result:
         terminated: the ranks that corral's own close ended (never failures).
         logs: rank -> its log files.
         log_dir: the group's log directory.
+        log_errors: rank -> what went wrong writing its log files (a full
+            disk, a file size limit): the rank ran on, its other stream and the
+            other ranks' logs kept flowing, but that file is incomplete.
     """
 
     exit_codes: dict[int, int]
@@ -116,6 +119,7 @@ class Result:
     terminated: frozenset[int] = frozenset()
     logs: dict[int, RankLogs] = field(default_factory=dict)
     log_dir: Path | None = None
+    log_errors: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -163,7 +167,7 @@ class Result:
         if root is None:
             if self.terminated:
                 return f"no rank failed; ranks {_ranges(self.terminated)} were terminated by close"
-            return "every rank succeeded"
+            return "\n".join(["every rank succeeded", *_log_error_lines(self.log_errors)])
         n = len(self.exit_codes)
         count = len(self.failures)
         first = "failed" if count == 1 else f"failed first ({count} of {n} ranks failed)"
@@ -189,7 +193,15 @@ class Result:
             lines.append(f"terminated by corral: ranks {_ranges(self.terminated)}")
         if self.log_dir is not None:
             lines.append(f"logs: {self.log_dir}")
+        lines += _log_error_lines(self.log_errors)
         return "\n".join(lines)
+
+
+def _log_error_lines(log_errors: Mapping[int, tuple[str, ...]]) -> list[str]:
+    lines = []
+    for rank in sorted(log_errors):
+        lines += [f"incomplete log of rank {rank}: {e}" for e in log_errors[rank]]
+    return lines
 
 
 def _how(failure: Failure) -> str:

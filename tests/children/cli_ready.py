@@ -1,0 +1,31 @@
+"""A rank for the CLI signal tests: print ``ready PID [GRANDCHILD_PID]``, then wait forever.
+
+Options: ``--ignore-term`` ignores SIGTERM (so only SIGKILL ends it);
+``--grandchild`` first starts a grandchild that sleeps, and prints its pid too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+
+def main() -> None:
+    """Install the handlers, start the grandchild, say ready, wait for a signal."""
+    if "--ignore-term" in sys.argv:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    pids = [os.getpid()]
+    if "--grandchild" in sys.argv:
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(600)"], stdin=subprocess.DEVNULL
+        )
+        pids.append(child.pid)
+    print("ready", *pids, flush=True)
+    while True:
+        signal.pause()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""A rank of a given *shape* for the containment tests.
+
+Usage: ``contain_rank.py SHAPE FIFO``, or as a callable rank:
+``run_shape(SHAPE, FIFO)`` (importable as ``contain_rank`` with this folder
+as the working directory, or ``tests.children.contain_rank`` from the
+repository's root). The rank builds its shape (children,
+a setsid grandchild, ...), then writes one line to the FIFO (the handshake):
+``RANK TOKEN PID [DESCENDANT_PID ...]``, and waits for its end: SIGUSR2 exits
+0, SIGUSR1 exits 1, anything else is up to the shape (SIGTERM ignored, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+SLEEP = ["/bin/sleep", "1000"]
+
+
+def _spawn_sleep(*, new_session: bool = False) -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if new_session:
+                os.setsid()
+            os.execv(SLEEP[0], SLEEP)
+        finally:
+            os._exit(127)
+    return pid
+
+
+def _setsid_grandchild() -> int:
+    """Double fork: the grandchild calls setsid(), its parent exits at once (a daemon)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            grandchild = _spawn_sleep(new_session=True)
+            os.write(w, b"%d" % grandchild)
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = os.read(r, 64)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return int(data)
+
+
+def _fill_pipe() -> int:
+    """Return the write end of a pipe that is full (nobody reads it)."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"x" * 65536)
+    except BlockingIOError:
+        pass
+    os.set_blocking(w, True)
+    _fill_pipe.keep = r  # type: ignore[attr-defined]  # keep the read end open: no EPIPE
+    return w
+
+
+def run_shape(shape: str, fifo: str) -> None:
+    """Build ``shape``, hand-shake through ``fifo``, then wait for the end (never returns)."""
+    signal.signal(signal.SIGUSR1, lambda *_: os._exit(1))
+    signal.signal(signal.SIGUSR2, lambda *_: os._exit(0))
+    pids: list[int] = []
+    full_pipe = None
+    if shape == "ignore_term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by the child too
+        pids.append(_spawn_sleep())
+    elif shape == "child":
+        pids.append(_spawn_sleep())
+    elif shape == "setsid":
+        pids.append(_setsid_grandchild())
+    elif shape == "children50":
+        pids.extend(_spawn_sleep() for _ in range(50))
+    elif shape == "full_pipe":
+        full_pipe = _fill_pipe()
+    elif shape != "plain":
+        raise SystemExit(f"unknown shape {shape}")
+    line = " ".join([os.environ["RANK"], os.environ["CORRAL_GROUP"], str(os.getpid())])
+    line += "".join(f" {p}" for p in pids) + "\n"
+    fd = os.open(fifo, os.O_WRONLY)
+    os.write(fd, line.encode())
+    os.close(fd)
+    if full_pipe is not None:
+        os.write(full_pipe, b"x" * 65536)  # blocks for ever: nobody reads
+    while True:
+        signal.pause()
+
+
+if __name__ == "__main__":
+    run_shape(sys.argv[1], sys.argv[2])

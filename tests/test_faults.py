@@ -1,0 +1,300 @@
+"""Faults (SPEC guarantees 2-4): none of them hangs the supervisor, loses a log or leaks a process.
+
+Every test is bounded by ``asyncio.timeout`` (grace plus a generous margin):
+a hang fails the test instead of stalling the suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+import pytest
+
+import corral
+from corral import _platform, _watchdog
+from corral._tee import Console
+
+from .conftest import python
+from .test_containment import (
+    CHILDREN,
+    handshakes,
+    rank_argv,
+    survivors,
+    wait_exit,
+)
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = pytest.mark.skipif(
+    not (_platform.HAS_PROC and _platform.HAS_PIDFD), reason="needs Linux /proc and pidfds"
+)
+
+GRACE = 0.3
+
+
+def _console() -> tuple[Console, io.BytesIO, io.BytesIO]:
+    out, err = io.BytesIO(), io.BytesIO()
+    return Console.create(stdout=out, stderr=err, color=False), out, err
+
+
+async def test_full_pipe_is_drained(tmp_path: Path) -> None:
+    """A rank writing far more than a pipe holds is never blocked for good: every byte is logged."""
+    console, out, _ = _console()
+    size = 8 << 20
+    code = (
+        "import os, sys\n"
+        f"n = {size}\n"
+        "line = b'z' * 99 + b'\\n'\n"
+        "buf = line * 2000\n"
+        "while n > 0:\n"
+        "    n -= os.write(1, buf[:n])\n"
+    )
+    async with asyncio.timeout(60):
+        result = await corral.run(
+            python(code), nprocs=2, tee="out", log_dir=tmp_path / "logs", console=console
+        )
+    assert result.ok, result.describe()
+    line = b"z" * 99 + b"\n"
+    expected = hashlib.sha256((line * (size // 100 + 1))[:size]).hexdigest()
+    for rank in (0, 1):
+        data = (tmp_path / "logs" / str(rank) / "stdout.log").read_bytes()
+        assert len(data) == size
+        assert hashlib.sha256(data).hexdigest() == expected
+    # Every line on the console, the last one (no newline) completed by the tee.
+    assert out.getvalue().count(b"\n") == 2 * (size // 100 + 1)
+
+
+async def test_close_while_rank_is_writing_and_ignores_sigterm(tmp_path: Path) -> None:
+    """A rank flooding its teed pipe and ignoring SIGTERM is SIGKILLed after the grace period."""
+    console, _, _ = _console()
+    with handshakes(tmp_path) as hs:
+        code = (
+            "import os, signal, sys\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            f"fd = os.open({str(hs.path)!r}, os.O_WRONLY)\n"
+            "os.write(fd, f\"{os.environ['RANK']} {os.environ['CORRAL_GROUP']} {os.getpid()}\\n\""
+            ".encode())\n"
+            "os.close(fd)\n"
+            "while True:\n"
+            "    os.write(1, b'w' * 65535 + b'\\n')\n"
+        )
+        since = _watchdog.boot_ticks()
+        async with asyncio.timeout(GRACE + 20):
+            async with corral.spawn(
+                python(code), nprocs=2, tee="out", log_dir=tmp_path / "logs", console=console
+            ) as group:
+                report = await hs.report(2)
+                result = await group.close(grace=GRACE)
+    assert result.exit_codes == {0: -signal.SIGKILL, 1: -signal.SIGKILL}
+    assert result.terminated == {0, 1}
+    for rank in (0, 1):
+        data = (tmp_path / "logs" / str(rank) / "stdout.log").read_bytes()
+        assert data
+        assert data.strip(b"w\n") == b""
+    assert survivors(report, since) == []
+
+
+async def test_rank_closes_stdout_early(tmp_path: Path) -> None:
+    """A rank that closes its stdout and runs on: EOF on one pump ends nothing else."""
+    console, out, err = _console()
+    code = (
+        "import os, sys\n"
+        "sys.stdout.write('before\\n'); sys.stdout.flush()\n"
+        "os.close(1)\n"
+        "sys.stderr.write('after\\n'); sys.stderr.flush()\n"
+    )
+    async with asyncio.timeout(30):
+        result = await corral.run(
+            python(code), nprocs=1, tee="all", log_dir=tmp_path / "logs", console=console
+        )
+    assert result.ok, result.describe()
+    assert (tmp_path / "logs/0/stdout.log").read_bytes() == b"before\n"
+    assert (tmp_path / "logs/0/stderr.log").read_bytes() == b"after\n"
+    assert out.getvalue() == b"[0]: before\n"
+    assert err.getvalue() == b"[0]: after\n"
+
+
+async def test_grandchild_holding_the_pipe(tmp_path: Path) -> None:
+    """A setsid() grandchild holding the rank's pipe neither delays wait() nor survives it."""
+    console, _, _ = _console()
+    since = _watchdog.boot_ticks()
+    with handshakes(tmp_path) as hs:
+        async with asyncio.timeout(30):
+            group = corral.spawn(
+                rank_argv("setsid", hs.path),
+                nprocs=2,
+                tee="all",
+                grace=GRACE,
+                log_dir=tmp_path / "logs",
+                console=console,
+            )
+            async with group:
+                report = await hs.report(2)
+                for pid in report.ranks.values():
+                    os.kill(pid, signal.SIGUSR2)  # the ranks exit 0; the daemons live on
+                result = await group.wait()
+    assert result.ok, result.describe()
+    assert survivors(report, since) == []
+
+
+async def test_escaped_process_holding_the_pipe(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer that escaped the group (no token, own session, parent gone) cannot hang wait().
+
+    It is not found (a documented limit): the pipe is closed after the drain timeout.
+    """
+    console, _, _ = _console()
+    code = (
+        "import os, sys\n"
+        "r, w = os.pipe()\n"
+        "if os.fork() == 0:\n"
+        "    if os.fork() == 0:\n"
+        "        os.setsid()\n"
+        "        os.execve('/bin/sleep', ['sleep', '1000'], {})\n"
+        "    os._exit(0)\n"
+        "os.close(w)\n"
+        "os.wait()  # the daemon's parent is gone\n"
+        "os.read(r, 1)  # EOF: the daemon has exec'd (w is close-on-exec)\n"
+        "print('rank done')\n"
+    )
+    before = set(_own_children())
+    try:
+        async with asyncio.timeout(30):
+            result = await corral.run(
+                python(code), nprocs=1, tee="out", log_dir=tmp_path / "logs", console=console
+            )
+        assert result.ok, result.describe()
+        assert (tmp_path / "logs/0/stdout.log").read_bytes() == b"rank done\n"
+        assert "still holds a rank's pipe" in caplog.text
+    finally:
+        for pid in _own_children() - before:  # the escaped daemon, re-parented to us
+            os.kill(pid, signal.SIGKILL)
+            await wait_exit(pid)
+            os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 (it has exited)
+
+
+def _own_children() -> set[int]:
+    me = os.getpid()
+    return {pid for pid, st in _watchdog.proc_table(skip=(me,)).items() if st.ppid == me}
+
+
+async def test_console_goes_away(tmp_path: Path) -> None:
+    """A console that goes away (broken pipe) disables the tee, not the run or its logs."""
+    nprocs, lines = 2, 5000  # 500 kB a rank: far more than the console pipe holds
+    out = tmp_path / "result.json"
+    sup = subprocess.Popen(
+        [
+            sys.executable,
+            str(CHILDREN / "contain_console.py"),
+            str(tmp_path / "logs"),
+            str(out),
+            str(nprocs),
+            str(lines),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert sup.stdout is not None
+        assert sup.stdout.readline()  # the tee is flowing
+        sup.stdout.close()  # the console goes away
+        async with asyncio.timeout(60):
+            await wait_exit(sup.pid)
+        assert sup.wait() == 0
+        assert sup.stderr is not None
+        stderr = sup.stderr.read().decode()
+    finally:
+        if sup.returncode is None:
+            sup.kill()
+            sup.wait()
+        if sup.stderr is not None:
+            sup.stderr.close()
+    assert json.loads(out.read_text())["ok"] is True
+    assert "tee to stdout disabled" in stderr
+    for rank in range(nprocs):
+        data = (tmp_path / "logs" / str(rank) / "stdout.log").read_bytes()
+        assert data.count(b"\n") == lines
+        assert data.endswith(b"%08d " % (lines - 1) + b"x" * 90 + b"\n")
+
+
+async def test_log_write_failure_is_reported(tmp_path: Path) -> None:
+    """A log file whose write fails (EFBIG past RLIMIT_FSIZE) is reported; other logs flow on."""
+    limit = 100_000
+    out = tmp_path / "result.json"
+    sup = subprocess.Popen(
+        [
+            sys.executable,
+            str(CHILDREN / "contain_fsize.py"),
+            str(tmp_path / "logs"),
+            str(out),
+            str(limit),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(60):
+            await wait_exit(sup.pid)
+        assert sup.wait() == 0
+        assert sup.stderr is not None
+        stderr = sup.stderr.read().decode()
+    finally:
+        if sup.returncode is None:
+            sup.kill()
+            sup.wait()
+        if sup.stderr is not None:
+            sup.stderr.close()
+    report = json.loads(out.read_text())
+    assert report["exit_codes"] == {"0": 0, "1": 0}  # the rank itself ran to its end
+    assert list(report["log_errors"]) == ["0"]
+    assert "File too large" in report["log_errors"]["0"][0]
+    assert "incomplete log of rank 0" in report["describe"]
+    assert "rank 0 out" in stderr  # logged as an error too
+    assert (tmp_path / "logs/0/stdout.log").stat().st_size == limit
+    assert (tmp_path / "logs/1/stdout.log").read_bytes() == b"y" * (limit // 2)
+
+
+def test_fd_budget_raises_the_soft_limit_or_names_it(tmp_path: Path) -> None:
+    """Many teed ranks, low soft RLIMIT_NOFILE: raised to the hard limit, else a clear error."""
+    script = (
+        "import asyncio, resource, sys, corral\n"
+        "soft, hard = (int(x) for x in sys.argv[1:3])\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))\n"
+        "async def main():\n"
+        "    try:\n"
+        "        r = await corral.run('/bin/true', nprocs=60, tee='all', log_dir=sys.argv[3])\n"
+        "    except corral.CorralError as exc:\n"
+        "        print('error:', exc)\n"
+        "        return\n"
+        "    print('ok' if r.ok else 'failed', resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+        "asyncio.run(main())\n"
+    )
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip("the hard RLIMIT_NOFILE is too low to show the raise")
+
+    def run(soft: int, hard: int, logs: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-c", script, str(soft), str(hard), str(tmp_path / logs)],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        return proc.stdout.decode()
+
+    assert run(128, 1024, "a").split() == ["ok", "1024"]
+    message = run(128, 128, "b")
+    assert message.startswith("error:")
+    assert "file descriptors" in message
+    assert "RLIMIT_NOFILE allows 128" in message

@@ -1,0 +1,224 @@
+"""Guarantee 1: every byte in the log files, every line on the console, whole."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from typing import TYPE_CHECKING
+
+import corral
+from corral import Std
+from corral._pump import LINE_CAP
+from corral._tee import Console
+
+from .conftest import python, watched_console
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def _console() -> tuple[Console, io.BytesIO, io.BytesIO]:
+    out, err = io.BytesIO(), io.BytesIO()
+    return Console.create(stdout=out, stderr=err, color=False), out, err
+
+
+def _unprefix(console: bytes, prefix: bytes) -> bytes:
+    lines = console.split(b"\n")
+    assert lines[-1] == b""
+    assert all(line.startswith(prefix) for line in lines[:-1])
+    return b"\n".join(line[len(prefix) :] for line in lines[:-1]) + b"\n"
+
+
+async def test_eight_mib_of_every_byte_value_through_the_tee(tmp_path: Path) -> None:
+    """A teed log file is byte-exact (all 256 byte values, no final newline); the console
+    gets the same bytes as prefixed lines plus a newline after the last one."""
+    rng = random.Random(1234)
+    data = rng.randbytes(8 * 1024 * 1024).rstrip(b"\n") + b"tail without newline"
+    blob = tmp_path / "blob"
+    blob.write_bytes(data)
+    code = f"import sys; sys.stdout.buffer.write(open({str(blob)!r}, 'rb').read())"
+    console, out, _ = _console()
+    async with asyncio.timeout(30):
+        result = await corral.run(
+            python(code), nprocs=1, tee=Std.OUT, log_dir=tmp_path / "logs", console=console
+        )
+    assert result.ok
+    assert (tmp_path / "logs" / "0" / "stdout.log").read_bytes() == data
+    assert _unprefix(out.getvalue(), b"[0]: ") == data + b"\n"
+
+
+async def test_redirect_only_is_written_by_the_rank_itself(tmp_path: Path) -> None:
+    """A stream that is only redirected is the log file itself in the child (no pipe)."""
+    code = (
+        "import os, stat, sys;"
+        "print(stat.S_ISREG(os.fstat(1).st_mode), stat.S_ISREG(os.fstat(2).st_mode));"
+        "sys.stderr.write('to err')"
+    )
+    result = await corral.run(python(code), nprocs=2, redirects=Std.ALL, log_dir=tmp_path)
+    assert result.ok
+    for rank in (0, 1):
+        assert (tmp_path / str(rank) / "stdout.log").read_text() == "True True\n"
+        assert (tmp_path / str(rank) / "stderr.log").read_text() == "to err"
+    assert result.logs[0].stdout == tmp_path / "0" / "stdout.log"
+
+
+async def test_unredirected_streams_have_no_file(tmp_path: Path) -> None:
+    """A stream that is neither redirected nor teed has no file and RankLogs says None."""
+    result = await corral.run(python("pass"), nprocs=2, redirects={1: Std.ERR}, log_dir=tmp_path)
+    assert result.logs[0].stdout is None
+    assert result.logs[0].stderr is None
+    assert result.logs[1].stdout is None
+    assert result.logs[1].stderr == tmp_path / "1" / "stderr.log"
+    assert not (tmp_path / "0" / "stdout.log").exists()
+    assert result.logs[1].error_file == tmp_path / "1" / "error.json"
+
+
+async def test_prefix_stream_field_and_console_streams(tmp_path: Path) -> None:
+    """Teed stdout goes to the console's stdout and stderr to its stderr, each prefixed."""
+    code = "import sys; print('o1'); sys.stderr.write('e1\\n'); print('o2')"
+    console, out, err = _console()
+    result = await corral.run(
+        python(code),
+        nprocs=2,
+        tee="all",
+        prefix="<{rank}|{stream}> ",
+        log_dir=tmp_path,
+        console=console,
+    )
+    assert result.ok
+    out_lines = sorted(out.getvalue().splitlines())
+    assert out_lines == [b"<0|out> o1", b"<0|out> o2", b"<1|out> o1", b"<1|out> o2"]
+    assert sorted(err.getvalue().splitlines()) == [b"<0|err> e1", b"<1|err> e1"]
+
+
+async def test_tee_ranks_filters_the_console_not_the_files(tmp_path: Path) -> None:
+    """Only tee_ranks reach the console; every rank still writes its log files."""
+    console, out, _ = _console()
+    result = await corral.run(
+        python("import os; print('rank', os.environ['RANK'])"),
+        nprocs=3,
+        tee="all",
+        tee_ranks=[1],
+        log_dir=tmp_path,
+        console=console,
+    )
+    assert result.ok
+    assert out.getvalue() == b"[1]: rank 1\n"
+    for rank in range(3):
+        assert (tmp_path / str(rank) / "stdout.log").read_text() == f"rank {rank}\n"
+
+
+async def test_per_rank_tee_mapping(tmp_path: Path) -> None:
+    """A tee mapping may omit ranks: they get Std.NONE (no file unless redirected)."""
+    console, out, err = _console()
+    result = await corral.run(
+        python("import sys; print('o'); print('e', file=sys.stderr)"),
+        nprocs=3,
+        tee={0: Std.OUT, 2: Std.ERR},
+        redirects={1: Std.ALL},
+        log_dir=tmp_path,
+        console=console,
+    )
+    assert result.ok
+    assert out.getvalue() == b"[0]: o\n"
+    assert err.getvalue() == b"[2]: e\n"
+    assert result.logs[0].stderr is None
+    assert (tmp_path / "1" / "stdout.log").read_text() == "o\n"
+    assert (tmp_path / "2" / "stderr.log").read_text() == "e\n"
+
+
+async def test_a_huge_line_is_teed_in_bounded_pieces(tmp_path: Path) -> None:
+    """A 6 MiB line without newline: the file is exact; the console gets pieces no longer
+    than LINE_CAP, so the supervisor never holds the whole line."""
+    size = 6 * 1024 * 1024
+    code = (
+        f"import sys; sys.stdout.buffer.write(b'x' * {size}); sys.stdout.buffer.write(b'\\nend\\n')"
+    )
+    console, out, _ = _console()
+    result = await corral.run(python(code), nprocs=1, tee="out", log_dir=tmp_path, console=console)
+    assert result.ok
+    assert (tmp_path / "0" / "stdout.log").read_bytes() == b"x" * size + b"\nend\n"
+    lines = out.getvalue().split(b"\n")
+    assert lines[-2:] == [b"[0]: end", b""]
+    pieces = lines[:-2]
+    assert all(p.startswith(b"[0]: ") for p in pieces)
+    assert max(len(p) for p in pieces) <= LINE_CAP + len(b"[0]: ")
+    assert sum(len(p) - len(b"[0]: ") for p in pieces) == size
+
+
+async def test_output_written_just_before_a_kill_is_kept(tmp_path: Path) -> None:
+    """Bytes a rank wrote right before it was SIGKILLed reach its log and the console."""
+    code = textwrap.dedent(
+        """
+        import os, signal, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.write(1, b"partial line, no newline")
+        os.write(2, b"ready\\n")
+        time.sleep(60)
+        """
+    )
+    console, out, err = watched_console()
+    async with asyncio.timeout(20):
+        async with corral.spawn(
+            python(code), nprocs=1, tee="all", grace=0.1, log_dir=tmp_path, console=console
+        ) as group:
+            log = tmp_path / "0" / "stderr.log"
+            await err.wait_for(b"ready")
+            result = await group.close()
+    assert result.exit_codes == {0: -9}
+    assert log.read_bytes() == b"ready\n"
+    assert (tmp_path / "0" / "stdout.log").read_bytes() == b"partial line, no newline"
+    assert out.getvalue() == b"[0]: partial line, no newline\n"
+
+
+SUPERVISOR = textwrap.dedent(
+    """
+    import asyncio, sys, corral
+    WRITER = '''
+    import os, random, sys
+    rank = int(os.environ["RANK"])
+    rng = random.Random(rank)
+    for i in range(3000):
+        line = f"rank{rank}-line{i}-" + "x" * rng.randrange(0, 3000) + f"-end{rank}"
+        sys.stdout.write(line + "\\\\n")
+        if i % 7 == 0:
+            sys.stdout.flush()
+    '''
+    async def main():
+        result = await corral.run(
+            [sys.executable, "-c", WRITER], nprocs=4, tee="out", log_dir=sys.argv[1]
+        )
+        sys.exit(0 if result.ok else 1)
+    asyncio.run(main())
+    """
+)
+
+
+def test_four_busy_ranks_never_interleave_mid_line(tmp_path: Path) -> None:
+    """Through the real console (the supervisor's stdout pipe), every teed line is one
+    whole, correctly prefixed line of one rank, and each rank's lines stay in order."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SUPERVISOR, str(tmp_path)],
+        capture_output=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    seen: dict[int, list[int]] = {r: [] for r in range(4)}
+    for line in proc.stdout.decode().splitlines():
+        prefix, _, body = line.partition(": ")
+        rank = int(prefix.strip("[]"))
+        assert body.startswith(f"rank{rank}-line"), line[:80]
+        assert body.endswith(f"-end{rank}"), line[-80:]
+        seen[rank].append(int(body.split("-")[1][4:]))
+    for rank in range(4):
+        assert seen[rank] == list(range(3000))
+        lines = (tmp_path / str(rank) / "stdout.log").read_text().splitlines()
+        assert len(lines) == 3000
