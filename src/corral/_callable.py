@@ -75,8 +75,11 @@ class CallSpec:
         call_file = rank_dir / CALL_FILE
         call_file.write_bytes(self.payloads[rank])
         result_file = rank_dir / RESULT_FILE
-        boot = _BOOT_CODE.format(path=BOOTSTRAP)
-        argv = (sys.executable, *self.flags, "-P", "-c", boot, str(call_file), str(result_file))
+        if os.path.isfile(BOOTSTRAP):
+            boot: tuple[str, ...] = ("-c", _BOOT_CODE.format(path=BOOTSTRAP))
+        else:  # installed in a zip: import it (and the corral package) the slow way
+            boot = ("-m", "corral._child")
+        argv = (sys.executable, *self.flags, "-P", *boot, str(call_file), str(result_file))
         return argv, result_file
 
 
