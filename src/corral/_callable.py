@@ -78,7 +78,7 @@ class CallSpec:
         if os.path.isfile(BOOTSTRAP):
             boot: tuple[str, ...] = ("-c", _BOOT_CODE.format(path=BOOTSTRAP))
         else:  # installed in a zip: import it (and the corral package) the slow way
-            boot = ("-m", "corral._child")
+            boot = ("-c", "import sys,corral._child as c;c.main(sys.argv)")
         argv = (sys.executable, *self.flags, "-P", *boot, str(call_file), str(result_file))
         return argv, result_file
 
