@@ -367,7 +367,7 @@ def test_missing_program_is_a_rank_failure_127() -> None:
     """A program that does not exist fails its ranks with 127, explained, not a crash."""
     res = corral("-n", "2", "--", "/nonexistent/corral-test-program")
     assert res.returncode == 127
-    assert "rank 0 (never started): exited with code 127" in res.stderr
+    assert "rank 0: could not start (exit code 127)" in res.stderr
     assert "/nonexistent/corral-test-program" in res.stderr
 
 

@@ -432,3 +432,22 @@ async def test_watchdog_kills_the_group_of_an_abandoned_pipe(tmp_path: Path) -> 
             result = await g.close()
     assert result.exit_codes == {0: -signal.SIGKILL, 1: -signal.SIGKILL}
     assert survivors(report, since) == []
+
+
+async def test_unwaited_new_session_child_is_reaped(tmp_path: Path) -> None:
+    """Regression (SPEC review): a rank's ``Popen(start_new_session=True)`` child that it
+    never waits for, and that dies before any close-time scan sees it alive, is re-parented
+    to the supervisor (the subreaper) and reaped at close: no zombie is left."""
+    code = (
+        "import subprocess, sys;"
+        "p = subprocess.Popen([sys.executable, '-c', 'pass'], start_new_session=True);"
+        "import os; os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT); print(p.pid)"
+    )
+    async with asyncio.timeout(20):
+        result = await corral.run(
+            python(code), nprocs=2, redirects="out", log_dir=tmp_path, grace=GRACE
+        )
+    assert result.ok
+    for rank in (0, 1):
+        pid = int((tmp_path / str(rank) / "stdout.log").read_text())
+        assert _watchdog.read_stat(pid) is None, f"pid {pid} left as a zombie"

@@ -105,10 +105,13 @@ async def test_unrunnable_executable_is_a_failure(tmp_path: Path, kind: str, cod
         program.chmod(0o644)
     async with (
         asyncio.timeout(10),
-        corral.spawn(str(program), nprocs=1, log_dir=tmp_path / "logs") as group,
+        corral.spawn(str(program), nprocs=1, tee="all", log_dir=tmp_path / "logs") as group,
     ):
         assert group.pids == {}
         result = await group.wait()
+    # The log files RankLogs names exist (empty) even for a rank that never started.
+    assert result.logs[0].stdout is not None
+    assert result.logs[0].stdout.read_bytes() == b""
     failure = result.failures[0]
     assert failure.exitcode == code
     assert failure.pid is None
@@ -135,7 +138,7 @@ async def test_poll_before_and_after(tmp_path: Path) -> None:
         assert group.poll() is None
         group.send_signal(signal.SIGUSR1)
         result = await group.wait()
-        assert group.poll() == result
+        assert group.poll() is result
     assert result.ok
 
 

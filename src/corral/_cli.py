@@ -542,8 +542,9 @@ def _rank_of(f: Failure) -> int:
 
 
 def _one_line(rank: int, pid: int | None, exitcode: int, signame: str | None) -> str:
-    where = f"pid {pid}" if pid is not None else "never started"
-    return f"rank {rank} ({where}): {_how(exitcode, signame)}"
+    if pid is None:
+        return f"rank {rank}: could not start (exit code {exitcode})"
+    return f"rank {rank} (pid {pid}): {_how(exitcode, signame)}"
 
 
 def _describe_root(root: Failure, tail: int) -> Iterator[str]:

@@ -174,6 +174,10 @@ class Group:
         self._deadline = 0.0
         self._deadline_changed: asyncio.Event | None = None
         self._result: Result | None = None
+        self._host_children: frozenset[int] | None = None
+        #: What poll() returned before close: close returns that same object
+        #: when closing changed nothing (every rank had exited on its own).
+        self._poll_result: Result | None = None
         self._since = 0
         self._started_at = 0.0
         self._watchdog: _reap.Watchdog | None = None
@@ -228,7 +232,9 @@ class Group:
             return self._result
         if self._state is _State.NEW or self._live > 0:
             return None
-        return self._build_result()
+        if self._poll_result is None:
+            self._poll_result = self._build_result()
+        return self._poll_result
 
     async def close(self, grace: float | None = None) -> Result:
         """End every rank and descendant and return the final :class:`Result`.
@@ -319,11 +325,13 @@ class Group:
                 outcome = start_rank(plan, rp)
                 if isinstance(outcome, ExecFailed):
                     r.exec_failed = outcome
+                    _touch_logs(rp)  # RankLogs names these files: they exist, empty
                     r.exit_time = time.time()
                     self._settled.set()
                     continue
                 popen = outcome.popen
                 r.pid = popen.pid
+                _reap.register_own(popen.pid)
                 r.popen_returncode_sink = popen
                 self._live += 1
                 _platform.watch_exit(loop, popen.pid, _exit_callback(self, r, popen), reap=False)
@@ -345,6 +353,9 @@ class Group:
             watchdog = self._watchdog = _reap.Watchdog.start(plan.token, self._since)
             if watchdog is not None:
                 watchdog.add_ranks(loop, [r.pid for r in self._ranks if r.pid is not None])
+            # Off the start's critical path: which children the host already had,
+            # so close can tell a re-parented orphan from them (see _reap_orphans).
+            loop.call_soon(self._note_host_children)
             if pending:
                 pumps = await asyncio.gather(*pending)
                 for pump in pumps:
@@ -363,6 +374,10 @@ class Group:
             raise
         if self._live == 0:
             self._settled.set()
+
+    def _note_host_children(self) -> None:
+        if self._host_children is None and _platform.HAS_PROC:
+            self._host_children = _reap.host_children()
 
     def _on_exit(self, r: _Rank, returncode: int) -> None:
         """Called on the loop when rank ``r`` has exited and been reaped."""
@@ -461,8 +476,11 @@ class Group:
                 self._subreaper = False
                 _platform.release_subreaper()
             self._state = _State.CLOSED
-        self._result = self._build_result()
-        return self._result
+        result = self._build_result()
+        if self._poll_result is not None and _same_outcome(self._poll_result, result):
+            result = self._poll_result
+        self._result = result
+        return result
 
     def _scan(
         self,
@@ -501,13 +519,16 @@ class Group:
     def _reap_orphans(self, killer: _Killer, table: Mapping[int, _watchdog.Stat] | None) -> None:
         """Reap the zombies of members re-parented to us (we are their subreaper)."""
         sessions = [r.pid for r in self._ranks if r.pid is not None and r.held]
-        _reap.reap_zombie_children(killer.seen, sessions, self._since, table)
+        _reap.reap_zombie_children(
+            killer.seen, sessions, self._since, table, host=self._host_children
+        )
 
     def _reap_ranks(self) -> None:
         for r in self._ranks:
             if r.held and not r.alive:
                 assert r.pid is not None
                 _platform.reap(r.pid)
+                _reap.forget_own(r.pid)
                 r.reaped = True
 
     async def _drain(self) -> None:
@@ -646,6 +667,24 @@ def _fd_budget(plan: GroupPlan) -> int:
     """File descriptors the supervisor holds for a running group (see ``ensure_fd_budget``)."""
     per_rank = (1 + 2 * ((rp.tee & Std.OUT != 0) + (rp.tee & Std.ERR != 0)) for rp in plan.ranks)
     return sum(per_rank) + 8  # + the watchdog's pipe, a rank's transient spawn pipes
+
+
+def _touch_logs(rp: RankPlan) -> None:
+    for path in (rp.logs.stdout, rp.logs.stderr):
+        if path is not None:
+            with open(path, "ab"):
+                pass
+
+
+def _same_outcome(a: Result, b: Result) -> bool:
+    """Equal by what closing can change (never comparing return values with ``==``)."""
+    return (
+        a.exit_codes == b.exit_codes
+        and a.terminated == b.terminated
+        and a.failures.keys() == b.failures.keys()
+        and a.return_values.keys() == b.return_values.keys()
+        and a.log_errors == b.log_errors
+    )
 
 
 def _killpg(r: _Rank, sig: int, *, held: bool = False) -> None:

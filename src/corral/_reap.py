@@ -73,6 +73,27 @@ def boot_ticks_now() -> int:
     return _watchdog.boot_ticks()
 
 
+#: Every child this process started through corral (ranks, watchdogs) and has
+#: not reaped yet, across all groups: never mistaken for an orphan to reap.
+_OWN_CHILDREN: set[int] = set()
+
+
+def register_own(pid: int) -> None:
+    """Record a child corral started (a rank or a watchdog) until it is reaped."""
+    _OWN_CHILDREN.add(pid)
+
+
+def forget_own(pid: int) -> None:
+    """The child ``pid`` corral started has been reaped."""
+    _OWN_CHILDREN.discard(pid)
+
+
+def host_children() -> frozenset[int]:
+    """The pids of this process's children now (the host's, and corral's own)."""
+    me = os.getpid()
+    return frozenset(pid for pid, st in snapshot().items() if st.ppid == me)
+
+
 def snapshot() -> dict[int, _watchdog.Stat]:
     """Every process but this one (empty where there is no ``/proc``)."""
     if not _platform.HAS_PROC:
@@ -189,6 +210,7 @@ def reap_zombie_children(
     sessions: Collection[int],
     since: int,
     table: Mapping[int, _watchdog.Stat] | None = None,
+    host: Collection[int] | None = None,
 ) -> int:
     """Reap every zombie child of this process that is a member of the group.
 
@@ -198,6 +220,16 @@ def reap_zombie_children(
     A member is known by ``(pid, starttime)`` from an earlier scan (a zombie's
     environment can no longer be read, so a ``setsid`` daemon is recognised
     only that way) or matches the session rule now.
+
+    With ``host`` (this process's children when the group started) one more
+    kind is reaped: an orphan that led its own session (``setsid``), started
+    after the group, died before any scan saw it alive, and was re-parented to
+    us as the subreaper, e.g. a rank's ``Popen(start_new_session=True)`` child
+    that was never waited for. It cannot be told apart from a child the host
+    itself started with ``start_new_session=True`` while the group ran and has
+    not reaped yet, other than by not being one of corral's own children and
+    not a child of ours before the group began; that narrow case is the
+    documented limit.
 
     Returns:
         How many were reaped.
@@ -212,7 +244,17 @@ def reap_zombie_children(
     for pid, st in table.items():
         if not st.zombie or st.ppid != me:
             continue
-        if known.get(pid) != st.starttime and not (st.sid in session_set and st.starttime >= since):
+        member_now = known.get(pid) == st.starttime or (
+            st.sid in session_set and st.starttime >= since
+        )
+        orphan_leader = (
+            host is not None
+            and st.sid == pid
+            and st.starttime >= since
+            and pid not in host
+            and pid not in _OWN_CHILDREN
+        )
+        if not (member_now or orphan_leader):
             continue
         member = Member(pid=pid, ppid=me, starttime=st.starttime, zombie=True)
         fd = open_member(member)
@@ -282,6 +324,7 @@ class Watchdog:
         finally:
             os.close(read_end)
         os.set_blocking(write_end, False)
+        register_own(popen.pid)
         return cls(popen, write_end)
 
     def add_ranks(self, loop: asyncio.AbstractEventLoop, pids: Iterable[int]) -> None:
@@ -327,6 +370,7 @@ class Watchdog:
                 os.kill(popen.pid, signal.SIGKILL)  # still our unreaped child: no reuse race
             _platform.watch_exit(loop, popen.pid, on_exit)
             popen.returncode = await exited
+            forget_own(popen.pid)
             if popen.returncode != -signal.SIGKILL:
                 _log.warning(
                     "corral: the group's watchdog had exited early (code %d): the group "
