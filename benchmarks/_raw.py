@@ -13,8 +13,11 @@ import os
 import select
 import signal
 import time
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from pathlib import Path
 
 CHUNK = 65536
 
@@ -74,7 +77,9 @@ class RawGroup:
             (os.POSIX_SPAWN_DUP2, child_err, 2),
         ]
         try:
-            pid = os.posix_spawn(argv[0], list(argv), self.envs[rank], file_actions=actions, setsid=True)
+            pid = os.posix_spawn(
+                argv[0], list(argv), self.envs[rank], file_actions=actions, setsid=True
+            )
         finally:
             for fd in close_after:
                 os.close(fd)

@@ -10,6 +10,7 @@ time the tee's latency); it writes its samples as JSON to ``spec["out"]``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import resource
@@ -17,11 +18,13 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import _workloads as W
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 BENCH_DIR = str(Path(__file__).resolve().parent)
 Samples = dict[str, list[float]]
@@ -58,7 +61,9 @@ def _argvs(spec: dict[str, Any], tmp: Path) -> list[list[str]]:
         ready = tmp / "ready"
         ready.mkdir(exist_ok=True)
         rank0 = [W.PY, "-c", W.FAIL_RANK0, str(tmp / "fifo"), str(tmp / "stamp")]
-        peer = [W.SH, "-c", W.IGNORE_TERM, "sh", str(ready)] if p["ignore_term"] else [W.SLEEP, "1000"]
+        peer = (
+            [W.SH, "-c", W.IGNORE_TERM, "sh", str(ready)] if p["ignore_term"] else [W.SLEEP, "1000"]
+        )
         return [rank0] + [list(peer) for _ in range(n - 1)]
     if sc == "tee":
         return [[W.PY, "-c", W.WRITER, str(p["mib"])]]
@@ -114,7 +119,9 @@ async def _corral(spec: dict[str, Any], reps: int) -> Samples:
             logs = tmp / "logs"
             if sc == "launch":
                 t0 = time.perf_counter()
-                res = await corral.run(argvs[0], nprocs=len(argvs), log_dir=logs, redirects=std, tee=tee)
+                res = await corral.run(
+                    argvs[0], nprocs=len(argvs), log_dir=logs, redirects=std, tee=tee
+                )
                 _add(out, "seconds", time.perf_counter() - t0)
                 assert res.ok, res
             elif sc == "fail":
@@ -130,11 +137,15 @@ async def _corral(spec: dict[str, Any], reps: int) -> Samples:
             elif sc in ("tee", "latency"):
                 c0, t0 = _cpu(), time.perf_counter()
                 redirect = std if sc == "latency" or p["mode"] == "tee" else corral.Std.OUT
-                res = await corral.run(argvs[0], nprocs=1, log_dir=logs, redirects=redirect, tee=tee)
+                res = await corral.run(
+                    argvs[0], nprocs=1, log_dir=logs, redirects=redirect, tee=tee
+                )
                 _tput(out, spec, time.perf_counter() - t0, _cpu() - c0)
                 assert res.ok, res
             elif sc == "scale":
-                async with corral.spawn(argvs[0], nprocs=len(argvs), log_dir=logs, tee=tee, grace=5) as g:
+                async with corral.spawn(
+                    argvs[0], nprocs=len(argvs), log_dir=logs, tee=tee, grace=5
+                ) as g:
                     await asyncio.sleep(0.3)
                     c0, t0 = _cpu(), time.perf_counter()
                     await asyncio.sleep(1.0)
@@ -148,7 +159,7 @@ async def _corral(spec: dict[str, Any], reps: int) -> Samples:
                     W.trivial, nprocs=len(argvs), args=(1,), env=env, log_dir=logs, redirects=std
                 )
                 _add(out, "seconds", time.perf_counter() - t0)
-                assert res.ok and res.return_values == dict.fromkeys(range(len(argvs)), 2), res
+                _check(res.ok and res.return_values == dict.fromkeys(range(len(argvs)), 2), res)
     return out
 
 
@@ -180,13 +191,15 @@ def run_torch(spec: dict[str, Any], reps: int) -> Samples:
             specs = DefaultLogsSpecs(log_dir=str(tmp / "logs"), redirects=redirect, tee=tee)
             envs = {i: {"RANK": str(i), "PYTHONPATH": BENCH_DIR} for i in range(n)}
 
-            def start(entry: Any, args: dict[int, tuple[Any, ...]], rep: int = rep) -> Any:
+            def start(
+                entry: Any,
+                args: dict[int, tuple[Any, ...]],
+                rep: int = rep,
+                envs: dict[int, dict[str, str]] = envs,
+                specs: Any = specs,
+            ) -> Any:
                 return start_processes(
-                    name=f"bench{rep}",
-                    entrypoint=entry,
-                    args=args,
-                    envs=envs,
-                    logs_specs=specs,
+                    name=f"bench{rep}", entrypoint=entry, args=args, envs=envs, logs_specs=specs
                 )
 
             cmd_args = {i: tuple(a[1:]) for i, a in enumerate(argvs)}
@@ -196,7 +209,7 @@ def run_torch(spec: dict[str, Any], reps: int) -> Samples:
                 res = pc.wait(period=0.1)
                 pc.close()
                 dt, dc = time.perf_counter() - t0, _cpu() - c0
-                assert res is not None and not res.is_failed(), res
+                _check(res is not None and not res.is_failed(), res)
                 if sc == "launch":
                     _add(out, "seconds", dt)
                 else:
@@ -210,11 +223,11 @@ def run_torch(spec: dict[str, Any], reps: int) -> Samples:
                 close = pc.close
                 # PContext.wait closes the others with close()'s default 30 s
                 # grace; give it the scenario's grace instead.
-                pc.close = lambda death_sig=None, timeout=grace: close(death_sig, timeout)
+                pc.close = functools.partial(close, timeout=grace)
                 _trigger_fail(tmp, n, p["ignore_term"])
                 res = pc.wait(period=0.1)
                 t1 = time.clock_gettime(time.CLOCK_MONOTONIC)
-                assert res is not None and 0 in res.failures, res
+                _check(res is not None and 0 in res.failures, res)
                 _add(out, "seconds", t1 - _stamp(tmp))
             elif sc == "scale":
                 pc = start(argvs[0][0], cmd_args)
@@ -227,11 +240,11 @@ def run_torch(spec: dict[str, Any], reps: int) -> Samples:
                 _add(out, "close_s", time.perf_counter() - t0)
             elif sc == "callables":
                 t0 = time.perf_counter()
-                pc = start(W.trivial, {i: (1,) for i in range(n)})
+                pc = start(W.trivial, dict.fromkeys(range(n), (1,)))
                 res = pc.wait(period=0.1)
                 pc.close()
                 _add(out, "seconds", time.perf_counter() - t0)
-                assert res is not None and res.return_values == dict.fromkeys(range(n), 2), res
+                _check(res is not None and res.return_values == dict.fromkeys(range(n), 2), res)
     return out
 
 
@@ -283,6 +296,11 @@ def run_raw(spec: dict[str, Any], reps: int) -> Samples:
 
 
 # -- helpers ----------------------------------------------------------------------
+def _check(ok: object, result: object) -> None:
+    if not ok:
+        raise AssertionError(f"unexpected result: {result!r}")
+
+
 def _add(out: Samples, key: str, value: float) -> None:
     out.setdefault(key, []).append(value)
 

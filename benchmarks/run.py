@@ -132,68 +132,146 @@ def build_cases(quick: bool) -> list[Case]:
         target = le_x_raw(2) if (cmd == "true" and n == 8) else None
         label = f"launch->result {prog} N={n} tee={'on' if tee else 'off'}"
         cases.append(
-            Case("launch", {"cmd": cmd, "n": n, "tee": tee}, r,
-                 [Row(label, "seconds", "ms", 1e3, target=target)])
+            Case(
+                "launch",
+                {"cmd": cmd, "n": n, "tee": tee},
+                r,
+                [Row(label, "seconds", "ms", 1e3, target=target)],
+            )
         )
     # 2. failure -> group torn down; and the overshoot beyond grace
-    for n in (8,) if quick else (8, 64):
-        cases.append(
-            Case("fail", {"n": n, "ignore_term": False, "grace": 5.0}, 2 if quick else 9,
-                 [Row(f"failure->torn down N={n}", "seconds", "ms", 1e3, target=le_x_raw(2))])
+    cases.extend(
+        Case(
+            "fail",
+            {"n": n, "ignore_term": False, "grace": 5.0},
+            2 if quick else 9,
+            [Row(f"failure->torn down N={n}", "seconds", "ms", 1e3, target=le_x_raw(2))],
         )
+        for n in ((8,) if quick else (8, 64))
+    )
     for n in (8,) if quick else (8, 64):
         grace = 0.2
         cases.append(
-            Case("fail", {"n": n, "ignore_term": True, "grace": grace}, 2 if quick else 5,
-                 [Row(f"failure, peers ignore SIGTERM N={n}: overshoot beyond grace {grace:g}s",
-                      "seconds", "ms", 1e3, offset=grace, target=le(10, "ms"))])
+            Case(
+                "fail",
+                {"n": n, "ignore_term": True, "grace": grace},
+                2 if quick else 5,
+                [
+                    Row(
+                        f"failure, peers ignore SIGTERM N={n}: overshoot beyond grace {grace:g}s",
+                        "seconds",
+                        "ms",
+                        1e3,
+                        offset=grace,
+                        target=le(10, "ms"),
+                    )
+                ],
+            )
         )
     # 3. tee throughput, redirect, latency
     mib = 20 if quick else 200
     cases.append(
-        Case("tee", {"mib": mib, "mode": "tee"}, 1 if quick else 3, [
-            Row(f"tee {mib} MiB of 100-byte lines: throughput", "mib_s", "MiB/s",
-                higher_is_better=True, target=ge(700, "MiB/s")),
-            Row(f"tee {mib} MiB of 100-byte lines: supervisor CPU", "cpu_s_per_gib", "CPU-s/GiB",
-                target=le(1.5, "CPU-s/GiB")),
-        ])
+        Case(
+            "tee",
+            {"mib": mib, "mode": "tee"},
+            1 if quick else 3,
+            [
+                Row(
+                    f"tee {mib} MiB of 100-byte lines: throughput",
+                    "mib_s",
+                    "MiB/s",
+                    higher_is_better=True,
+                    target=ge(700, "MiB/s"),
+                ),
+                Row(
+                    f"tee {mib} MiB of 100-byte lines: supervisor CPU",
+                    "cpu_s_per_gib",
+                    "CPU-s/GiB",
+                    target=le(1.5, "CPU-s/GiB"),
+                ),
+            ],
+        )
     )
     cases.append(
-        Case("tee", {"mib": mib, "mode": "redirect"}, 1 if quick else 3, [
-            Row(f"redirect only {mib} MiB: throughput", "mib_s", "MiB/s",
-                higher_is_better=True, target=ge_x_raw(0.9)),
-        ])
+        Case(
+            "tee",
+            {"mib": mib, "mode": "redirect"},
+            1 if quick else 3,
+            [
+                Row(
+                    f"redirect only {mib} MiB: throughput",
+                    "mib_s",
+                    "MiB/s",
+                    higher_is_better=True,
+                    target=ge_x_raw(0.9),
+                ),
+            ],
+        )
     )
     cases.append(
-        Case("latency", {"count": 20 if quick else 100}, 1, [
-            Row("tee latency (rank write -> console)", "latency", "ms", 1e3, target=le(1, "ms")),
-        ])
+        Case(
+            "latency",
+            {"count": 20 if quick else 100},
+            1,
+            [
+                Row(
+                    "tee latency (rank write -> console)", "latency", "ms", 1e3, target=le(1, "ms")
+                ),
+            ],
+        )
     )
     # 4. scale: idle ranks with tee on
     n = 32 if quick else 256
     cases.append(
-        Case("scale", {"n": n}, 1 if quick else 2, [
-            Row(f"{n} idle ranks tee on: supervisor RSS", "rss_mib", "MiB", target=le(40, "MiB")),
-            Row(f"{n} idle ranks tee on: threads", "threads", "", target=le(2, "")),
-            Row(f"{n} idle ranks tee on: open fds", "fds", ""),
-            Row(f"{n} idle ranks tee on: idle CPU", "idle_cpu_pct", "%", target=le(1, "%")),
-            Row(f"{n} idle ranks tee on: close all", "close_s", "ms", 1e3),
-        ])
+        Case(
+            "scale",
+            {"n": n},
+            1 if quick else 2,
+            [
+                Row(
+                    f"{n} idle ranks tee on: supervisor RSS", "rss_mib", "MiB", target=le(40, "MiB")
+                ),
+                Row(f"{n} idle ranks tee on: threads", "threads", "", target=le(2, "")),
+                Row(f"{n} idle ranks tee on: open fds", "fds", ""),
+                Row(f"{n} idle ranks tee on: idle CPU", "idle_cpu_pct", "%", target=le(1, "%")),
+                Row(f"{n} idle ranks tee on: close all", "close_s", "ms", 1e3),
+            ],
+        )
     )
     # 5. cold start (run here, not in a worker)
     cases.append(
-        Case("import", {}, 3 if quick else 15, [
-            Row("cold start: python -c 'import <supervisor>'", "seconds", "ms", 1e3,
-                target=le(80, "ms")),
-        ])
+        Case(
+            "import",
+            {},
+            3 if quick else 15,
+            [
+                Row(
+                    "cold start: python -c 'import <supervisor>'",
+                    "seconds",
+                    "ms",
+                    1e3,
+                    target=le(80, "ms"),
+                ),
+            ],
+        )
     )
     # 6. callables
     n = 2 if quick else 8
     cases.append(
-        Case("callables", {"n": n}, 1 if quick else 5, [
-            Row(f"{n} trivial callables: call -> result", "seconds", "ms", 1e3,
-                target=le_x_torch(0.5)),
-        ])
+        Case(
+            "callables",
+            {"n": n},
+            1 if quick else 5,
+            [
+                Row(
+                    f"{n} trivial callables: call -> result",
+                    "seconds",
+                    "ms",
+                    1e3,
+                    target=le_x_torch(0.5),
+                ),
+            ],
+        )
     )
     return cases
 
@@ -201,8 +279,13 @@ def build_cases(quick: bool) -> list[Case]:
 # -- running --------------------------------------------------------------------
 def run_worker(case: Case, impl: str, tmp: Path) -> tuple[dict[str, list[float]] | None, str]:
     out = tmp / f"{impl}.json"
-    spec = {"scenario": case.scenario, "params": case.params, "impl": impl,
-            "reps": case.reps, "out": str(out)}
+    spec = {
+        "scenario": case.scenario,
+        "params": case.params,
+        "impl": impl,
+        "reps": case.reps,
+        "out": str(out),
+    }
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
     latencies: list[float] = []
@@ -211,7 +294,10 @@ def run_worker(case: Case, impl: str, tmp: Path) -> tuple[dict[str, list[float]]
         if case.scenario == "latency":
             proc = subprocess.Popen(
                 [PY, str(HERE / "_worker.py"), json.dumps(spec)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=env,
             )
             assert proc.stdout is not None
             reader = threading.Thread(target=_read_latency, args=(proc.stdout, latencies))
@@ -219,7 +305,10 @@ def run_worker(case: Case, impl: str, tmp: Path) -> tuple[dict[str, list[float]]
         else:
             proc = subprocess.Popen(
                 [PY, str(HERE / "_worker.py"), json.dumps(spec)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=env,
             )
             reader = None
         try:
@@ -270,8 +359,13 @@ def run_import(case: Case) -> dict[str, dict[str, list[float]] | str]:
         samples = []
         for _ in range(case.reps + 1):
             t0 = time.perf_counter()
-            subprocess.run([PY, "-c", codes[impl]], env=env, check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [PY, "-c", codes[impl]],
+                env=env,
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             samples.append(time.perf_counter() - t0)
         results[impl] = {"seconds": samples[1:]}  # the first run warms the page cache
     return results
@@ -304,8 +398,12 @@ def run_case(case: Case) -> None:
 def stats(values: list[float] | str | None) -> dict[str, float] | None:
     if not isinstance(values, list) or not values:
         return None
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "n": len(values)}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def fmt(x: float) -> str:
@@ -325,14 +423,14 @@ def evaluate(row: Row) -> dict[str, Any]:
     c = s["corral"]
     t = s["torch"]
     r = s["raw"]
-    out: dict[str, Any] = {"label": row.label, "unit": row.unit, "stats": s,
-                           "samples": row.values}
+    out: dict[str, Any] = {"label": row.label, "unit": row.unit, "stats": s, "samples": row.values}
     if c is not None:
         out["corral/torch"] = c["median"] / t["median"] if t and t["median"] else None
         out["corral/raw"] = c["median"] / r["median"] if r and r["median"] else None
         if row.target is not None:
-            text, met = row.target(c["median"], t["median"] if t else None,
-                                   r["median"] if r else None)
+            text, met = row.target(
+                c["median"], t["median"] if t else None, r["median"] if r else None
+            )
             out["target"], out["met"] = text, met
     return out
 
@@ -354,21 +452,34 @@ def ratio(x: float | None) -> str:
 
 
 def print_table(evals: list[tuple[Row, dict[str, Any]]]) -> None:
-    head = ("scenario", "unit", "corral median [min-max]", "torch median [min-max]",
-            "raw median [min-max]", "c/torch", "c/raw", "target", "met")
+    head = (
+        "scenario",
+        "unit",
+        "corral median [min-max]",
+        "torch median [min-max]",
+        "raw median [min-max]",
+        "c/torch",
+        "c/raw",
+        "target",
+        "met",
+    )
     lines = [head]
     for row, ev in evals:
         st = ev["stats"]
         met = ev.get("met")
-        lines.append((
-            row.label, row.unit,
-            cell(row, "corral", st["corral"], True),
-            cell(row, "torch", st["torch"], True),
-            cell(row, "raw", st["raw"], True),
-            ratio(ev.get("corral/torch")), ratio(ev.get("corral/raw")),
-            ev.get("target", ""),
-            "" if "target" not in ev else ("yes" if met else ("NO" if met is False else "?")),
-        ))
+        lines.append(
+            (
+                row.label,
+                row.unit,
+                cell(row, "corral", st["corral"], True),
+                cell(row, "torch", st["torch"], True),
+                cell(row, "raw", st["raw"], True),
+                ratio(ev.get("corral/torch")),
+                ratio(ev.get("corral/raw")),
+                ev.get("target", ""),
+                "" if "target" not in ev else ("yes" if met else ("NO" if met is False else "?")),
+            )
+        )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     for k, line in enumerate(lines):
         print("  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
@@ -390,56 +501,85 @@ def machine() -> dict[str, Any]:
     if HAVE_TORCH:
         try:
             torch_version = subprocess.run(
-                [PY, "-c", "import torch; print(torch.__version__)"], capture_output=True,
-                text=True, check=True,
+                [PY, "-c", "import torch; print(torch.__version__)"],
+                capture_output=True,
+                text=True,
+                check=True,
             ).stdout.strip()
         except subprocess.CalledProcessError:
             torch_version = "import failed"
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
-        "python": platform.python_version(), "torch": torch_version,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "torch": torch_version,
         "loadavg_at_start": os.getloadavg(),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: few cases, one or two repetitions")
-    ap.add_argument("--only", default="", help="comma-separated scenarios: launch,fail,tee,latency,scale,import,callables")
-    ap.add_argument("--json", default=str(HERE / "results" / "latest.json"), help="where to write the JSON")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: few cases, one or two repetitions"
+    )
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated scenarios: launch,fail,tee,latency,scale,import,callables",
+    )
+    ap.add_argument(
+        "--json", default=str(HERE / "results" / "latest.json"), help="where to write the JSON"
+    )
     args = ap.parse_args(argv)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     cases = [c for c in build_cases(args.quick) if not only or c.scenario in only]
     started = time.perf_counter()
     info = machine()
-    print(f"corral benchmarks {'(quick) ' if args.quick else ''}on {info['cpu']}, "
-          f"{info['cores']} cores, Python {info['python']}, "
-          f"torch {info['torch'] or 'not installed'}", file=sys.stderr)
+    print(
+        f"corral benchmarks {'(quick) ' if args.quick else ''}on {info['cpu']}, "
+        f"{info['cores']} cores, Python {info['python']}, "
+        f"torch {info['torch'] or 'not installed'}",
+        file=sys.stderr,
+    )
     for case in cases:
         t0 = time.perf_counter()
         run_case(case)
-        print(f"  {case.scenario} {case.params} x{case.reps}: {time.perf_counter() - t0:.1f}s",
-              file=sys.stderr)
+        print(
+            f"  {case.scenario} {case.params} x{case.reps}: {time.perf_counter() - t0:.1f}s",
+            file=sys.stderr,
+        )
     evals = [(row, evaluate(row)) for case in cases for row in case.rows]
     print_table(evals)
     total = time.perf_counter() - started
-    print(f"\n{len(evals)} rows in {total:.0f}s; medians over repetitions; "
-          f"the load average at the end was {os.getloadavg()[0]:.2f} (other work shares the machine)")
+    print(
+        f"\n{len(evals)} rows in {total:.0f}s; medians over repetitions; "
+        f"the load average at the end was {os.getloadavg()[0]:.2f} (other work shares the machine)"
+    )
     report = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full",
         "machine": info,
         "loadavg_at_end": os.getloadavg(),
         "seconds": total,
-        "rows": [{k: v for k, v in ev.items()} | {"params": case.params, "scenario": case.scenario}
-                 for case in cases for row, ev in ((r, evaluate(r)) for r in case.rows)],
+        "rows": [
+            dict(ev) | {"params": case.params, "scenario": case.scenario}
+            for case in cases
+            for ev in (evaluate(r) for r in case.rows)
+        ],
     }
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1, default=str))
     print(f"JSON: {path}")
-    errors = [ev for _, ev in evals for impl in ("corral", "raw")
-              if isinstance(ev["samples"].get(impl), str)]
+    errors = [
+        ev
+        for _, ev in evals
+        for impl in ("corral", "raw")
+        if isinstance(ev["samples"].get(impl), str)
+    ]
     return 1 if errors else 0
 
 
