@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +63,8 @@ class Failure:
 
     def describe(self) -> str:
         """Return a few readable lines: what failed, how, where its logs are."""
+        import datetime  # lazy: only describe() needs it
+
         when = datetime.datetime.fromtimestamp(self.timestamp).isoformat(
             sep=" ", timespec="milliseconds"
         )
