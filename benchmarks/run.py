@@ -72,6 +72,7 @@ class Case:
     params: dict[str, Any]
     reps: int
     rows: list[Row]
+    rounds: int = 1  # interleaved rounds: each runs reps/rounds repetitions per implementation
     impls: tuple[str, ...] = IMPLS
     timeout: float = 300.0
 
@@ -137,6 +138,7 @@ def build_cases(quick: bool) -> list[Case]:
                 {"cmd": cmd, "n": n, "tee": tee},
                 r,
                 [Row(label, "seconds", "ms", 1e3, target=target)],
+                rounds=3 if (target is not None and not quick) else 1,
             )
         )
     # 2. failure -> group torn down; and the overshoot beyond grace
@@ -146,6 +148,7 @@ def build_cases(quick: bool) -> list[Case]:
             {"n": n, "ignore_term": False, "grace": 5.0},
             2 if quick else 9,
             [Row(f"failure->torn down N={n}", "seconds", "ms", 1e3, target=le_x_raw(2))],
+            rounds=1 if quick else 3,
         )
         for n in ((8,) if quick else (8, 64))
     )
@@ -155,7 +158,7 @@ def build_cases(quick: bool) -> list[Case]:
             Case(
                 "fail",
                 {"n": n, "ignore_term": True, "grace": grace},
-                2 if quick else 5,
+                2 if quick else 6,
                 [
                     Row(
                         f"failure, peers ignore SIGTERM N={n}: overshoot beyond grace {grace:g}s",
@@ -166,6 +169,7 @@ def build_cases(quick: bool) -> list[Case]:
                         target=le(10, "ms"),
                     )
                 ],
+                rounds=1 if quick else 3,
             )
         )
     # 3. tee throughput, redirect, latency
@@ -190,6 +194,7 @@ def build_cases(quick: bool) -> list[Case]:
                     target=le(1.5, "CPU-s/GiB"),
                 ),
             ],
+            rounds=1 if quick else 3,
         )
     )
     cases.append(
@@ -206,6 +211,7 @@ def build_cases(quick: bool) -> list[Case]:
                     target=ge_x_raw(0.9),
                 ),
             ],
+            rounds=1 if quick else 3,
         )
     )
     cases.append(
@@ -243,7 +249,7 @@ def build_cases(quick: bool) -> list[Case]:
         Case(
             "import",
             {},
-            3 if quick else 15,
+            3 if quick else 10,
             [
                 Row(
                     "cold start: python -c 'import <supervisor>'",
@@ -261,7 +267,7 @@ def build_cases(quick: bool) -> list[Case]:
         Case(
             "callables",
             {"n": n},
-            1 if quick else 5,
+            1 if quick else 3,
             [
                 Row(
                     f"{n} trivial callables: call -> result",
@@ -277,13 +283,15 @@ def build_cases(quick: bool) -> list[Case]:
 
 
 # -- running --------------------------------------------------------------------
-def run_worker(case: Case, impl: str, tmp: Path) -> tuple[dict[str, list[float]] | None, str]:
+def run_worker(
+    case: Case, impl: str, tmp: Path, reps: int
+) -> tuple[dict[str, list[float]] | None, str]:
     out = tmp / f"{impl}.json"
     spec = {
         "scenario": case.scenario,
         "params": case.params,
         "impl": impl,
-        "reps": case.reps,
+        "reps": reps,
         "out": str(out),
     }
     env = dict(os.environ)
@@ -352,12 +360,12 @@ def run_import(case: Case) -> dict[str, dict[str, list[float]] | str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
     results: dict[str, dict[str, list[float]] | str] = {}
-    for impl in case.impls:
-        if impl == "torch" and not HAVE_TORCH:
-            results[impl] = "not installed"
-            continue
-        samples = []
-        for _ in range(case.reps + 1):
+    impls = [i for i in case.impls if i != "torch" or HAVE_TORCH]
+    if not HAVE_TORCH:
+        results["torch"] = "not installed"
+    samples: dict[str, list[float]] = {impl: [] for impl in impls}
+    for rep in range(case.reps + 1):  # interleaved; the first round only warms the page cache
+        for impl in impls:
             t0 = time.perf_counter()
             subprocess.run(
                 [PY, "-c", codes[impl]],
@@ -366,8 +374,10 @@ def run_import(case: Case) -> dict[str, dict[str, list[float]] | str]:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            samples.append(time.perf_counter() - t0)
-        results[impl] = {"seconds": samples[1:]}  # the first run warms the page cache
+            if rep:
+                samples[impl].append(time.perf_counter() - t0)
+    for impl in impls:
+        results[impl] = {"seconds": samples[impl]}
     return results
 
 
@@ -375,17 +385,29 @@ HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 
 def run_case(case: Case) -> None:
+    """Run every implementation; in ``case.rounds`` interleaved rounds (noise hits all alike)."""
     if case.scenario == "import":
         per_impl = run_import(case)
     else:
         per_impl = {}
+        per_round = -(-case.reps // case.rounds)
         with tempfile.TemporaryDirectory(prefix="corral-bench-run-") as d:
-            for impl in case.impls:
-                if impl == "torch" and not HAVE_TORCH:
-                    per_impl[impl] = "not installed"
-                    continue
-                samples, error = run_worker(case, impl, Path(d))
-                per_impl[impl] = samples if samples is not None else f"error: {error}"
+            for k in range(case.rounds):
+                order = case.impls[k % len(case.impls) :] + case.impls[: k % len(case.impls)]
+                for impl in order:
+                    if impl == "torch" and not HAVE_TORCH:
+                        per_impl[impl] = "not installed"
+                        continue
+                    if isinstance(per_impl.get(impl), str):
+                        continue  # it failed in an earlier round
+                    samples, error = run_worker(case, impl, Path(d), per_round)
+                    if samples is None:
+                        per_impl[impl] = f"error: {error}"
+                        continue
+                    merged = per_impl.setdefault(impl, {})
+                    assert isinstance(merged, dict)
+                    for key, values in samples.items():
+                        merged.setdefault(key, []).extend(values)
     for row in case.rows:
         for impl, got in per_impl.items():
             if isinstance(got, str):
