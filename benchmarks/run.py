@@ -509,6 +509,51 @@ def print_table(evals: list[tuple[Row, dict[str, Any]]]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+def render_markdown(path: Path) -> str:
+    """A Markdown table (for the README) from a JSON report written by this script."""
+    report = json.loads(path.read_text())
+
+    def one(st: dict[str, float] | None, samples: object) -> str:
+        if st is None:
+            return "not installed" if samples == "not installed" else "-"
+        return f"{fmt(st['median'])} ({fmt(st['min'])}-{fmt(st['max'])})"
+
+    out = [
+        "| scenario | unit | corral median (min-max) | torch | raw | corral/torch | corral/raw "
+        "| target | met |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        st, smp = row["stats"], row["samples"]
+        met = row.get("met")
+        out.append(
+            "| "
+            + " | ".join(
+                (
+                    row["label"],
+                    row["unit"],
+                    one(st["corral"], smp.get("corral")),
+                    one(st["torch"], smp.get("torch")),
+                    one(st["raw"], smp.get("raw")),
+                    ratio(row.get("corral/torch")),
+                    ratio(row.get("corral/raw")),
+                    row.get("target", ""),
+                    "" if "target" not in row else ("yes" if met else "**no**"),
+                )
+            )
+            + " |"
+        )
+    m = report["machine"]
+    out.append("")
+    out.append(
+        f"{report['date']}, {report['mode']} run, {m['cpu']} ({m['cores']} cores), "
+        f"Linux {m['kernel']}, Python {m['python']}, torch {m['torch'] or 'not installed'}; "
+        f"load average {m['loadavg_at_start'][0]:.1f} at start, "
+        f"{report['loadavg_at_end'][0]:.1f} at end; {report['seconds']:.0f} s."
+    )
+    return "\n".join(out)
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor()
     try:
@@ -555,7 +600,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--json", default=str(HERE / "results" / "latest.json"), help="where to write the JSON"
     )
+    ap.add_argument(
+        "--render", metavar="JSON", help="print a Markdown table of an earlier run and exit"
+    )
     args = ap.parse_args(argv)
+    if args.render:
+        print(render_markdown(Path(args.render)))
+        return 0
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     cases = [c for c in build_cases(args.quick) if not only or c.scenario in only]
     started = time.perf_counter()
