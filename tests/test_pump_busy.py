@@ -15,6 +15,8 @@ from .conftest import python
 if TYPE_CHECKING:
     from pathlib import Path
 
+    import pytest
+
 # 8 MiB of numbered 100-byte lines, written in 1 MiB blocks (faster than one
 # wake-up drains a 64 KiB pipe), then a last line without a newline.
 _WRITER = (
@@ -59,6 +61,28 @@ async def test_busy_stream_keeps_every_byte_and_whole_lines(tmp_path: Path) -> N
     assert [ln[5:] for ln in lines[:-1]] == [b"%098d" % i for i in range(83886)]
     assert all(ln.startswith(b"[0]: ") for ln in lines)
     assert grown == [_pump.BUSY_PIPE]
+    assert _pump._grown == 0  # the budget is given back when the pipe closes
+
+
+async def test_growth_budget_exhausted_keeps_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the grown-pipe budget used up, a busy stream keeps 64 KiB reads and loses nothing."""
+    monkeypatch.setattr(_pump, "MAX_GROWN", 0)
+    console = Console.create(stdout=io.BytesIO(), stderr=io.BytesIO(), color=False)
+    async with asyncio.timeout(30):
+        group = corral.spawn(
+            python(_WRITER), nprocs=1, log_dir=tmp_path / "logs", tee="out", console=console
+        )
+        async with group:
+            pumps = [p for r in group._ranks for p in r.pumps]
+            result = await group.wait()
+    assert result.ok, result
+    assert [getattr(p._transport, "max_size", None) for p in pumps] == [_pump.CHUNK]
+    stdout = result.logs[0].stdout
+    assert stdout is not None
+    expected = b"".join(b"%098d\n" % i for i in range(83886)) + b"tail-without-newline"
+    assert stdout.read_bytes() == expected
 
 
 async def test_quiet_stream_keeps_default_pipe(tmp_path: Path) -> None:

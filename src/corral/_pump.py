@@ -6,8 +6,11 @@ most ``CHUNK`` bytes: byte operations on larger buffers slow down sharply).
 A stream starts with the kernel's default 64 KiB pipe; once a read fills a
 whole ``CHUNK`` (the rank writes faster than one wake-up drains), its pipe is
 grown to ``BUSY_PIPE`` bytes and read in chunks of that size: 4x fewer
-wake-ups and file writes for a chatty rank, while idle ranks keep small pipes
-(pipe buffers are pinned kernel memory, capped per user). The splitter
+wake-ups and file writes for a chatty rank, while idle ranks keep small pipes.
+Pipe buffers are pinned kernel memory, and once a user's pipes exceed
+``/proc/sys/fs/pipe-user-pages-soft`` (64 MiB by default) the kernel gives that
+user's *new* pipes a single-digit number of pages: at most ``MAX_GROWN`` pipes
+of this process are grown at a time (16 MiB). The splitter
 keeps at most one partial line of ``LINE_CAP`` bytes: a longer line is teed in
 pieces, so memory stays bounded whatever a rank writes. No thread, no
 ``readline()``: ``data_received`` is called straight from the selector.
@@ -36,6 +39,10 @@ CHUNK: Final = 65536
 LINE_CAP: Final = 65536
 #: Pipe size and read size of a busy stream.
 BUSY_PIPE: Final = 262144
+#: How many pipes of this process may be grown at the same time.
+MAX_GROWN: Final = 64
+
+_grown = 0  # pipes grown and not yet closed (approximate across threads: a budget, not a lock)
 
 
 class _LineTee:
@@ -94,6 +101,7 @@ class Pump(asyncio.Protocol):
         self._tee = tee
         self._transport: asyncio.ReadTransport | None = None
         self._busy = False
+        self._grown = False
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- asyncio.Protocol -------------------------------------------------
@@ -118,16 +126,19 @@ class Pump(asyncio.Protocol):
 
     def _grow(self) -> None:
         """The rank fills its pipe: give it a bigger pipe and read it in bigger chunks."""
+        global _grown
         self._busy = True
         transport = self._transport
-        if transport is None or not hasattr(transport, "max_size"):
+        if transport is None or not hasattr(transport, "max_size") or _grown >= MAX_GROWN:
             return
         pipe = transport.get_extra_info("pipe")
-        try:
-            if pipe is not None and hasattr(fcntl, "F_SETPIPE_SZ"):
+        if pipe is not None and hasattr(fcntl, "F_SETPIPE_SZ"):
+            try:
                 fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, BUSY_PIPE)
-        except (OSError, ValueError):
-            return  # over the per-user pipe budget (EPERM) or closed: keep the default
+            except (OSError, ValueError):
+                return  # over the per-user pipe limit (EPERM) or closed: keep the default
+            _grown += 1
+            self._grown = True
         transport.max_size = BUSY_PIPE
 
     def eof_received(self) -> bool | None:
@@ -154,6 +165,10 @@ class Pump(asyncio.Protocol):
             self._fd = None
 
     def _finish(self) -> None:
+        global _grown
+        if self._grown:
+            self._grown = False
+            _grown -= 1
         if self._tee is not None:
             self._tee.flush()
         if self._fd is not None:
