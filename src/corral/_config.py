@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 import string
-import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +102,7 @@ def build_plan(
         base_argv = _command(entrypoint)
     root = _log_dir(log_dir, n)
 
-    token = secrets.token_hex(8)
+    token = os.urandom(8).hex()  # what secrets.token_hex does, without importing hmac
     parent_env = dict(os.environ)
     ranks: list[RankPlan] = []
     created: list[Path] = []
@@ -380,6 +378,8 @@ def _log_dir(log_dir: object, n: int) -> Path:
     """Check ``log_dir`` and create it (last step of validation)."""
     if log_dir is None:
         try:
+            import tempfile  # lazy: only a default log_dir needs it
+
             return Path(tempfile.mkdtemp(prefix="corral-"))
         except OSError as exc:
             raise ConfigError(f"cannot create a temporary log_dir: {exc}") from exc

@@ -1,7 +1,16 @@
 """Output pumps: one asyncio read-pipe protocol per teed (rank, stream).
 
 Bytes in, bytes out. Each chunk the loop reads is written verbatim to the
-rank's log file, then split into whole lines for the console. The splitter
+rank's log file, then split into whole lines for the console (in pieces of at
+most ``CHUNK`` bytes: byte operations on larger buffers slow down sharply).
+A stream starts with the kernel's default 64 KiB pipe; once a read fills a
+whole ``CHUNK`` (the rank writes faster than one wake-up drains), its pipe is
+grown to ``BUSY_PIPE`` bytes and read in chunks of that size: 4x fewer
+wake-ups and file writes for a chatty rank, while idle ranks keep small pipes.
+Pipe buffers are pinned kernel memory, and once a user's pipes exceed
+``/proc/sys/fs/pipe-user-pages-soft`` (64 MiB by default) the kernel gives that
+user's *new* pipes a single-digit number of pages: at most ``MAX_GROWN`` pipes
+of this process are grown at a time (16 MiB). The splitter
 keeps at most one partial line of ``LINE_CAP`` bytes: a longer line is teed in
 pieces, so memory stays bounded whatever a rank writes. No thread, no
 ``readline()``: ``data_received`` is called straight from the selector.
@@ -10,6 +19,7 @@ pieces, so memory stays bounded whatever a rank writes. No thread, no
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 from typing import IO, TYPE_CHECKING, Final
@@ -27,6 +37,12 @@ _log = logging.getLogger("corral")
 CHUNK: Final = 65536
 #: The longest partial line held for the console before it is teed in pieces.
 LINE_CAP: Final = 65536
+#: Pipe size and read size of a busy stream.
+BUSY_PIPE: Final = 262144
+#: How many pipes of this process may be grown at the same time.
+MAX_GROWN: Final = 64
+
+_grown = 0  # pipes grown and not yet closed (approximate across threads: a budget, not a lock)
 
 
 class _LineTee:
@@ -84,6 +100,8 @@ class Pump(asyncio.Protocol):
         )
         self._tee = tee
         self._transport: asyncio.ReadTransport | None = None
+        self._busy = False
+        self._grown = False
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- asyncio.Protocol -------------------------------------------------
@@ -95,8 +113,33 @@ class Pump(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._write_file(data)
-        if self._tee is not None:
-            self._tee.feed(data)
+        tee = self._tee
+        size = len(data)
+        if tee is not None:
+            if size <= CHUNK:
+                tee.feed(data)
+            else:
+                for start in range(0, size, CHUNK):
+                    tee.feed(data[start : start + CHUNK])
+        if size == CHUNK and not self._busy:
+            self._grow()
+
+    def _grow(self) -> None:
+        """The rank fills its pipe: give it a bigger pipe and read it in bigger chunks."""
+        global _grown
+        self._busy = True
+        transport = self._transport
+        if transport is None or not hasattr(transport, "max_size") or _grown >= MAX_GROWN:
+            return
+        pipe = transport.get_extra_info("pipe")
+        if pipe is not None and hasattr(fcntl, "F_SETPIPE_SZ"):
+            try:
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, BUSY_PIPE)
+            except (OSError, ValueError):
+                return  # over the per-user pipe limit (EPERM) or closed: keep the default
+            _grown += 1
+            self._grown = True
+        transport.max_size = BUSY_PIPE
 
     def eof_received(self) -> bool | None:
         return None
@@ -122,6 +165,10 @@ class Pump(asyncio.Protocol):
             self._fd = None
 
     def _finish(self) -> None:
+        global _grown
+        if self._grown:
+            self._grown = False
+            _grown -= 1
         if self._tee is not None:
             self._tee.flush()
         if self._fd is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -222,6 +221,8 @@ def _says_only_how(failure: Failure) -> bool:
 
 
 def _clock(timestamp: float) -> str:
+    import datetime  # lazy: only failure texts need it (import time of corral)
+
     return datetime.datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec="milliseconds")
 
 
