@@ -174,7 +174,6 @@ class Group:
         self._deadline = 0.0
         self._deadline_changed: asyncio.Event | None = None
         self._result: Result | None = None
-        self._host_children: frozenset[int] | None = None
         #: What poll() returned before close: close returns that same object
         #: when closing changed nothing (every rank had exited on its own).
         self._poll_result: Result | None = None
@@ -353,9 +352,6 @@ class Group:
             watchdog = self._watchdog = _reap.Watchdog.start(plan.token, self._since)
             if watchdog is not None:
                 watchdog.add_ranks(loop, [r.pid for r in self._ranks if r.pid is not None])
-            # Off the start's critical path: which children the host already had,
-            # so close can tell a re-parented orphan from them (see _reap_orphans).
-            loop.call_soon(self._note_host_children)
             if pending:
                 pumps = await asyncio.gather(*pending)
                 for pump in pumps:
@@ -374,10 +370,6 @@ class Group:
             raise
         if self._live == 0:
             self._settled.set()
-
-    def _note_host_children(self) -> None:
-        if self._host_children is None and _platform.HAS_PROC:
-            self._host_children = _reap.host_children()
 
     def _on_exit(self, r: _Rank, returncode: int) -> None:
         """Called on the loop when rank ``r`` has exited and been reaped."""
@@ -432,42 +424,21 @@ class Group:
         try:
             # 1. Snapshot descendants first: once a rank dies its children are
             #    re-parented and parent links no longer lead to them.
-            killer.add(self._scan())
-            # 2. SIGTERM every rank's process group (an exited rank's group may
-            #    still hold its children) and every descendant found.
-            for r in self._ranks:
-                _killpg(r, signal.SIGTERM, held=True)
-            killer.signal_all(signal.SIGTERM)
-            # 3. The grace period: ends early when everything is gone.
-            await self._wait_dead(killer, use_deadline=True)
-            # 4. SIGKILL what remains; rescan until a scan finds no live member
-            #    after every rank is dead (one scan when all went on SIGTERM).
-            table = None
-            for _ in range(_KILL_ROUNDS):
-                for r in self._ranks:
-                    _killpg(r, signal.SIGKILL, held=True)
-                killer.signal_all(signal.SIGKILL)
-                killer.forget_untracked()
-                await self._wait_dead(killer, use_deadline=False)
-                table = _reap.snapshot()
-                unsure: set[int] = set()
-                if not killer.add(self._scan(table, unsure)) and not any(
-                    r.alive for r in self._ranks
-                ):
-                    if not unsure:
-                        break
-                    # A child of ours is mid-execve, its environment unreadable:
-                    # look again once the exec is through (rare, bounded).
-                    await asyncio.sleep(_UNSURE_RETRY)
-            else:
-                _log.error("corral: processes of %s kept appearing after SIGKILL", self)
-            # 5. The group is dead: the watchdog has nothing left to guard.
+            table: Mapping[int, _watchdog.Stat] | None = _reap.snapshot()
+            unsure: set[int] = set()
+            found = self._scan(table, unsure)
+            killer.add(found)
+            # 2. Unless every rank exited on its own and nothing of the group is
+            #    left (the usual end of a good run: one walk, no signal), end it.
+            if found or unsure or any(r.alive for r in self._ranks):
+                table = await self._terminate(killer)
+            # 3. The group is dead: the watchdog has nothing left to guard.
             if self._watchdog is not None:
                 await self._watchdog.stop()
-            # 6. Reap the member zombies re-parented to us (in the last scan: no
+            # 4. Reap the member zombies re-parented to us (in the last scan: no
             #    member is alive to add more); the ranks are reaped last.
             self._reap_orphans(killer, table)
-            # 7. Drain the pumps: with every writer dead, EOF is immediate.
+            # 5. Drain the pumps: with every writer dead, EOF is immediate.
             await self._drain()
         finally:
             killer.close()
@@ -481,6 +452,40 @@ class Group:
             result = self._poll_result
         self._result = result
         return result
+
+    async def _terminate(self, killer: _Killer) -> Mapping[int, _watchdog.Stat] | None:
+        """SIGTERM, grace, SIGKILL and rescan until nothing of the group is alive.
+
+        Returns:
+            The last ``/proc`` walk (no member alive in it), for reaping zombies.
+        """
+        # SIGTERM every rank's process group (an exited rank's group may
+        #    still hold its children) and every descendant found.
+        for r in self._ranks:
+            _killpg(r, signal.SIGTERM, held=True)
+        killer.signal_all(signal.SIGTERM)
+        # The grace period: ends early when everything is gone.
+        await self._wait_dead(killer, use_deadline=True)
+        # SIGKILL what remains; rescan until a scan finds no live member
+        #    after every rank is dead (one scan when all went on SIGTERM).
+        table = None
+        for _ in range(_KILL_ROUNDS):
+            for r in self._ranks:
+                _killpg(r, signal.SIGKILL, held=True)
+            killer.signal_all(signal.SIGKILL)
+            killer.forget_untracked()
+            await self._wait_dead(killer, use_deadline=False)
+            table = _reap.snapshot()
+            unsure: set[int] = set()
+            if not killer.add(self._scan(table, unsure)) and not any(r.alive for r in self._ranks):
+                if not unsure:
+                    break
+                # A child of ours is mid-execve, its environment unreadable:
+                # look again once the exec is through (rare, bounded).
+                await asyncio.sleep(_UNSURE_RETRY)
+        else:
+            _log.error("corral: processes of %s kept appearing after SIGKILL", self)
+        return table
 
     def _scan(
         self,
@@ -519,9 +524,7 @@ class Group:
     def _reap_orphans(self, killer: _Killer, table: Mapping[int, _watchdog.Stat] | None) -> None:
         """Reap the zombies of members re-parented to us (we are their subreaper)."""
         sessions = [r.pid for r in self._ranks if r.pid is not None and r.held]
-        _reap.reap_zombie_children(
-            killer.seen, sessions, self._since, table, host=self._host_children
-        )
+        _reap.reap_zombie_children(killer.seen, sessions, self._since, table)
 
     def _reap_ranks(self) -> None:
         for r in self._ranks:

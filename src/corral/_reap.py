@@ -76,6 +76,8 @@ def boot_ticks_now() -> int:
 #: Every child this process started through corral (ranks, watchdogs) and has
 #: not reaped yet, across all groups: never mistaken for an orphan to reap.
 _OWN_CHILDREN: set[int] = set()
+#: Niceness of a watchdog (it runs only while the supervisor is alive and idle).
+_WATCHDOG_NICE: Final = 10
 
 
 def register_own(pid: int) -> None:
@@ -86,12 +88,6 @@ def register_own(pid: int) -> None:
 def forget_own(pid: int) -> None:
     """The child ``pid`` corral started has been reaped."""
     _OWN_CHILDREN.discard(pid)
-
-
-def host_children() -> frozenset[int]:
-    """The pids of this process's children now (the host's, and corral's own)."""
-    me = os.getpid()
-    return frozenset(pid for pid, st in snapshot().items() if st.ppid == me)
 
 
 def snapshot() -> dict[int, _watchdog.Stat]:
@@ -210,7 +206,6 @@ def reap_zombie_children(
     sessions: Collection[int],
     since: int,
     table: Mapping[int, _watchdog.Stat] | None = None,
-    host: Collection[int] | None = None,
 ) -> int:
     """Reap every zombie child of this process that is a member of the group.
 
@@ -221,15 +216,15 @@ def reap_zombie_children(
     environment can no longer be read, so a ``setsid`` daemon is recognised
     only that way) or matches the session rule now.
 
-    With ``host`` (this process's children when the group started) one more
-    kind is reaped: an orphan that led its own session (``setsid``), started
-    after the group, died before any scan saw it alive, and was re-parented to
-    us as the subreaper, e.g. a rank's ``Popen(start_new_session=True)`` child
-    that was never waited for. It cannot be told apart from a child the host
-    itself started with ``start_new_session=True`` while the group ran and has
-    not reaped yet, other than by not being one of corral's own children and
-    not a child of ours before the group began; that narrow case is the
-    documented limit.
+    One more kind is reaped: an orphan that led its own session (``setsid``),
+    started after the group, died before any scan saw it alive, and was
+    re-parented to us as the subreaper, e.g. a rank's
+    ``Popen(start_new_session=True)`` child that was never waited for. It
+    cannot be told apart from a child the host itself started with
+    ``start_new_session=True`` while the group ran and has not reaped yet,
+    other than by not being one of corral's own children (any group's) and by
+    having started after the group (children the host had before are older);
+    that narrow case is the documented limit.
 
     Returns:
         How many were reaped.
@@ -247,13 +242,7 @@ def reap_zombie_children(
         member_now = known.get(pid) == st.starttime or (
             st.sid in session_set and st.starttime >= since
         )
-        orphan_leader = (
-            host is not None
-            and st.sid == pid
-            and st.starttime >= since
-            and pid not in host
-            and pid not in _OWN_CHILDREN
-        )
+        orphan_leader = st.sid == pid and st.starttime >= since and pid not in _OWN_CHILDREN
         if not (member_now or orphan_leader):
             continue
         member = Member(pid=pid, ppid=me, starttime=st.starttime, zombie=True)
@@ -325,6 +314,10 @@ class Watchdog:
             os.close(read_end)
         os.set_blocking(write_end, False)
         register_own(popen.pid)
+        # Its interpreter start-up must not compete with the ranks' for the CPU:
+        # nothing waits for it, and it needs no speed until the supervisor dies.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, popen.pid, _WATCHDOG_NICE)
         return cls(popen, write_end)
 
     def add_ranks(self, loop: asyncio.AbstractEventLoop, pids: Iterable[int]) -> None:
