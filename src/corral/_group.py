@@ -174,6 +174,7 @@ class Group:
         self._deadline = 0.0
         self._deadline_changed: asyncio.Event | None = None
         self._result: Result | None = None
+        self._host_children: frozenset[int] | None = None
         #: What poll() returned before close: close returns that same object
         #: when closing changed nothing (every rank had exited on its own).
         self._poll_result: Result | None = None
@@ -352,6 +353,9 @@ class Group:
             watchdog = self._watchdog = _reap.Watchdog.start(plan.token, self._since)
             if watchdog is not None:
                 watchdog.add_ranks(loop, [r.pid for r in self._ranks if r.pid is not None])
+            # Off the start's critical path: which children the host already had,
+            # so close can tell a re-parented orphan from them (see _reap_orphans).
+            loop.call_soon(self._note_host_children)
             if pending:
                 pumps = await asyncio.gather(*pending)
                 for pump in pumps:
@@ -370,6 +374,10 @@ class Group:
             raise
         if self._live == 0:
             self._settled.set()
+
+    def _note_host_children(self) -> None:
+        if self._host_children is None and _platform.HAS_PROC:
+            self._host_children = _reap.host_children(self._since)
 
     def _on_exit(self, r: _Rank, returncode: int) -> None:
         """Called on the loop when rank ``r`` has exited and been reaped."""
@@ -524,7 +532,9 @@ class Group:
     def _reap_orphans(self, killer: _Killer, table: Mapping[int, _watchdog.Stat] | None) -> None:
         """Reap the zombies of members re-parented to us (we are their subreaper)."""
         sessions = [r.pid for r in self._ranks if r.pid is not None and r.held]
-        _reap.reap_zombie_children(killer.seen, sessions, self._since, table)
+        _reap.reap_zombie_children(
+            killer.seen, sessions, self._since, table, host=self._host_children
+        )
 
     def _reap_ranks(self) -> None:
         for r in self._ranks:

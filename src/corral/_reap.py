@@ -90,6 +90,19 @@ def forget_own(pid: int) -> None:
     _OWN_CHILDREN.discard(pid)
 
 
+def host_children(since: int) -> frozenset[int]:
+    """Children of this process that started after ``since`` (boot ticks), now.
+
+    Start times have a resolution of a clock tick (10 ms): a child the host
+    started just before a group looks as young as the group. Noting them when
+    the group starts keeps close from taking them for orphans.
+    """
+    me = os.getpid()
+    return frozenset(
+        pid for pid, st in snapshot().items() if st.ppid == me and st.starttime >= since
+    )
+
+
 def snapshot() -> dict[int, _watchdog.Stat]:
     """Every process but this one (empty where there is no ``/proc``)."""
     if not _platform.HAS_PROC:
@@ -206,6 +219,7 @@ def reap_zombie_children(
     sessions: Collection[int],
     since: int,
     table: Mapping[int, _watchdog.Stat] | None = None,
+    host: Collection[int] | None = None,
 ) -> int:
     """Reap every zombie child of this process that is a member of the group.
 
@@ -222,9 +236,11 @@ def reap_zombie_children(
     ``Popen(start_new_session=True)`` child that was never waited for. It
     cannot be told apart from a child the host itself started with
     ``start_new_session=True`` while the group ran and has not reaped yet,
-    other than by not being one of corral's own children (any group's) and by
-    having started after the group (children the host had before are older);
-    that narrow case is the documented limit.
+    other than by not being one of corral's own children (any group's), by
+    having started after the group, and by not being in ``host``, the host's
+    young children noted when the group started (start times are only
+    accurate to a tick); without ``host`` this kind is left alone. That narrow
+    case is the documented limit.
 
     Returns:
         How many were reaped.
@@ -242,7 +258,13 @@ def reap_zombie_children(
         member_now = known.get(pid) == st.starttime or (
             st.sid in session_set and st.starttime >= since
         )
-        orphan_leader = st.sid == pid and st.starttime >= since and pid not in _OWN_CHILDREN
+        orphan_leader = (
+            host is not None
+            and pid not in host
+            and st.sid == pid
+            and st.starttime >= since
+            and pid not in _OWN_CHILDREN
+        )
         if not (member_now or orphan_leader):
             continue
         member = Member(pid=pid, ppid=me, starttime=st.starttime, zombie=True)
