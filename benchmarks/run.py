@@ -359,6 +359,15 @@ def run_import(case: Case) -> dict[str, dict[str, list[float]] | str]:
     }
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
+    # A user's install has bytecode caches (pip compiles at install time). Machines
+    # that set PYTHONDONTWRITEBYTECODE (these do) would otherwise time the
+    # compiler on every run: build the caches once, as an install would.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run(
+        [PY, "-m", "compileall", "-q", str(ROOT / "src" / "corral")],
+        check=False,
+        stdout=subprocess.DEVNULL,
+    )
     results: dict[str, dict[str, list[float]] | str] = {}
     impls = [i for i in case.impls if i != "torch" or HAVE_TORCH]
     if not HAVE_TORCH:

@@ -319,7 +319,8 @@ class Group:
         pending: list[asyncio.Future[Pump]] = []
         try:
             if console is None and any(rp.tee for rp in plan.ranks):
-                console = self._console = Console.create()
+                # Plain prefixes, exactly as formatted: colour is the CLI's choice.
+                console = self._console = Console.create(color=False)
             for r in self._ranks:
                 rp = r.plan
                 outcome = start_rank(plan, rp)
@@ -441,13 +442,16 @@ class Group:
             if found or unsure or any(r.alive for r in self._ranks):
                 table = await self._terminate(killer)
             # 3. The group is dead: the watchdog has nothing left to guard.
-            if self._watchdog is not None:
-                await self._watchdog.stop()
+            #    It is SIGKILLed now and reaped after the steps below, so the
+            #    kernel's teardown of it overlaps with them.
+            watchdog_gone = self._watchdog.stop_soon() if self._watchdog is not None else None
             # 4. Reap the member zombies re-parented to us (in the last scan: no
             #    member is alive to add more); the ranks are reaped last.
             self._reap_orphans(killer, table)
             # 5. Drain the pumps: with every writer dead, EOF is immediate.
             await self._drain()
+            if watchdog_gone is not None:
+                await watchdog_gone
         finally:
             killer.close()
             self._reap_ranks()

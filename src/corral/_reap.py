@@ -372,27 +372,39 @@ class Watchdog:
 
     async def stop(self) -> None:
         """End the watchdog (SIGKILL: its work is done) and reap it."""
+        await self.stop_soon()
+
+    def stop_soon(self) -> asyncio.Future[None]:
+        """SIGKILL the watchdog now; the future resolves once it is reaped.
+
+        The kernel tears the watchdog down while the caller goes on with other
+        clean-up, instead of waiting for it first.
+        """
         loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
         popen = self._popen
-        if popen.returncode is None:
-            exited: asyncio.Future[int] = loop.create_future()
+        if popen.returncode is not None:
+            self._close_pipe()
+            done.set_result(None)
+            return done
 
-            def on_exit(code: int) -> None:
-                if not exited.done():
-                    exited.set_result(code)
-
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(popen.pid, signal.SIGKILL)  # still our unreaped child: no reuse race
-            _platform.watch_exit(loop, popen.pid, on_exit)
-            popen.returncode = await exited
+        def on_exit(code: int) -> None:
+            popen.returncode = code
             forget_own(popen.pid)
-            if popen.returncode != -signal.SIGKILL:
+            if code != -signal.SIGKILL:
                 _log.warning(
                     "corral: the group's watchdog had exited early (code %d): the group "
                     "was not protected against the death of this process",
-                    popen.returncode,
+                    code,
                 )
-        self._close_pipe()
+            self._close_pipe()
+            if not done.done():
+                done.set_result(None)
+
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(popen.pid, signal.SIGKILL)  # still our unreaped child: no reuse race
+        _platform.watch_exit(loop, popen.pid, on_exit)
+        return done
 
     def abandon(self) -> None:
         """Close the pipe without stopping the watchdog: it kills the group and exits.
