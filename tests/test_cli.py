@@ -12,7 +12,6 @@ import importlib.util
 import os
 import pty
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -27,72 +26,17 @@ from corral import Failure, RankLogs, Result
 from corral._cli import exit_status, main, parse_ranks, render_summary
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Sequence
 
-#: Marks every process this module starts (through the environment), so the
-#: leftover check below counts only them: other test suites running on the same
-#: machine also start CORRAL_GROUP-marked processes, which are not ours to kill.
-SESSION = f"{os.getpid()}-{secrets.token_hex(8)}"
+
 CHILDREN = Path(__file__).parent / "children"
 READY = str(CHILDREN / "cli_ready.py")
 PY = sys.executable
 LOG_LINE = re.compile(r"^corral: logs in (.+)$", re.MULTILINE)
 
-
-def _our_marked_pids() -> set[int]:
-    """Processes of a corral group started by this test module (alive or zombie)."""
-    needle = f"CORRAL_CLI_TEST={SESSION}".encode()
-    found: set[int] = set()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                environ = f.read()
-        except OSError:
-            continue
-        if b"CORRAL_GROUP=" in environ and needle in environ:
-            found.add(int(entry.name))
-    return found
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Fail a test that leaves a descendant, or any process of a group it started.
-
-    Overrides conftest's fixture of the same name for this module only: the
-    marker scan there counts (and kills) every CORRAL_GROUP process on the
-    machine, including those of other suites running in parallel. Here every
-    process started by a test carries ``CORRAL_CLI_TEST=<this session>`` and
-    only those count. Groups started by a ``corral`` subprocess are not our
-    descendants once it exits, so the scan is what proves they are gone.
-    """
-    monkeypatch.setenv("CORRAL_CLI_TEST", SESSION)
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    yield
-    left = {p.pid: p for p in me.children(recursive=True) if p.pid not in before}
-    for pid in _our_marked_pids():
-        try:
-            left.setdefault(pid, psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            continue
-    if not left:
-        return
-    report = []
-    for p in left.values():
-        try:
-            report.append(f"{p.pid} {p.status()} {p.cmdline()}")
-            p.kill()
-        except psutil.Error:
-            report.append(f"{p.pid} (gone)")
-    for p in left.values():
-        try:
-            if p.ppid() == me.pid:
-                os.waitpid(p.pid, 0)
-        except (psutil.Error, ChildProcessError):
-            pass
-    pytest.fail("test left processes behind:\n  " + "\n  ".join(report))
+# conftest's no_leftover_processes covers this module too: every corral
+# subprocess inherits its per-session marker, so groups started by a `corral`
+# process that has exited are still found by the marker scan.
 
 
 def corral_env(**extra: str) -> dict[str, str]:

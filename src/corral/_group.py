@@ -175,6 +175,7 @@ class Group:
         self._deadline_changed: asyncio.Event | None = None
         self._result: Result | None = None
         self._host_children: frozenset[int] | None = None
+        self._host_note: asyncio.TimerHandle | None = None
         #: What poll() returned before close: close returns that same object
         #: when closing changed nothing (every rank had exited on its own).
         self._poll_result: Result | None = None
@@ -354,9 +355,10 @@ class Group:
             watchdog = self._watchdog = _reap.Watchdog.start(plan.token, self._since)
             if watchdog is not None:
                 watchdog.add_ranks(loop, [r.pid for r in self._ranks if r.pid is not None])
-            # Off the start's critical path: which children the host already had,
-            # so close can tell a re-parented orphan from them (see _reap_orphans).
-            loop.call_soon(self._note_host_children)
+            # Off the start's critical path, and never for a group shorter than
+            # a few clock ticks: which young children the host has, so close can
+            # tell a re-parented orphan from them (see _reap_orphans).
+            self._host_note = loop.call_later(_reap.HOST_NOTE_DELAY, self._note_host_children)
             if pending:
                 pumps = await asyncio.gather(*pending)
                 for pump in pumps:
@@ -377,8 +379,8 @@ class Group:
             self._settled.set()
 
     def _note_host_children(self) -> None:
-        if self._host_children is None and _platform.HAS_PROC:
-            self._host_children = _reap.host_children(self._since)
+        if self._host_children is None and _platform.HAS_PROC and self._state < _State.CLOSING:
+            self._host_children = _reap.host_children(self._since, self._plan.token)
 
     def _on_exit(self, r: _Rank, returncode: int) -> None:
         """Called on the loop when rank ``r`` has exited and been reaped."""
@@ -430,6 +432,8 @@ class Group:
         loop = self._loop
         assert loop is not None
         killer = _Killer(loop)
+        if self._host_note is not None:
+            self._host_note.cancel()
         try:
             # 1. Snapshot descendants first: once a rank dies its children are
             #    re-parented and parent links no longer lead to them.

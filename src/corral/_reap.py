@@ -90,16 +90,29 @@ def forget_own(pid: int) -> None:
     _OWN_CHILDREN.discard(pid)
 
 
-def host_children(since: int) -> frozenset[int]:
-    """Children of this process that started after ``since`` (boot ticks), now.
+#: Start times count clock ticks. ``since`` is the tick before the group's, so a
+#: process started this many ticks after ``since`` is certainly younger than
+#: every child the host had when the group started.
+YOUNGER_TICKS: Final = 2
+#: When to note the host's children (see :func:`host_children`): once
+#: ``YOUNGER_TICKS`` have passed, so a short-lived group never pays the walk.
+HOST_NOTE_DELAY: Final = YOUNGER_TICKS / os.sysconf("SC_CLK_TCK")
 
-    Start times have a resolution of a clock tick (10 ms): a child the host
-    started just before a group looks as young as the group. Noting them when
-    the group starts keeps close from taking them for orphans.
+
+def host_children(since: int, token: str) -> frozenset[int]:
+    """Children of this process started after ``since`` (boot ticks), except the group's.
+
+    Start times have the resolution of a clock tick (10 ms): a child the host
+    started just before a group looks as young as the group. Noting them keeps
+    close from taking them for orphans. A child that carries the group's token
+    is a re-parented member, not the host's.
     """
     me = os.getpid()
+    token_b = token.encode()
     return frozenset(
-        pid for pid, st in snapshot().items() if st.ppid == me and st.starttime >= since
+        pid
+        for pid, st in snapshot().items()
+        if st.ppid == me and st.starttime >= since and not _watchdog.has_token(pid, token_b)
     )
 
 
@@ -238,9 +251,10 @@ def reap_zombie_children(
     ``start_new_session=True`` while the group ran and has not reaped yet,
     other than by not being one of corral's own children (any group's), by
     having started after the group, and by not being in ``host``, the host's
-    young children noted when the group started (start times are only
-    accurate to a tick); without ``host`` this kind is left alone. That narrow
-    case is the documented limit.
+    young children noted shortly after the group started (start times are only
+    accurate to a tick); without ``host`` (a group shorter than
+    ``HOST_NOTE_DELAY``) it must have started ``YOUNGER_TICKS`` after
+    ``since``. That narrow case is the documented limit.
 
     Returns:
         How many were reaped.
@@ -259,11 +273,13 @@ def reap_zombie_children(
             st.sid in session_set and st.starttime >= since
         )
         orphan_leader = (
-            host is not None
-            and pid not in host
-            and st.sid == pid
-            and st.starttime >= since
+            st.sid == pid
             and pid not in _OWN_CHILDREN
+            and (
+                st.starttime >= since + YOUNGER_TICKS
+                if host is None
+                else st.starttime >= since and pid not in host
+            )
         )
         if not (member_now or orphan_leader):
             continue
