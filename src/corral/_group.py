@@ -540,8 +540,14 @@ class Group:
     def _reap_orphans(self, killer: _Killer, table: Mapping[int, _watchdog.Stat] | None) -> None:
         """Reap the zombies of members re-parented to us (we are their subreaper)."""
         sessions = [r.pid for r in self._ranks if r.pid is not None and r.held]
+        younger = None
+        if self._host_children is None and sessions and _platform.HAS_PROC:
+            # The ranks are held (unreaped): their stat still gives their start
+            # tick, on the same clock as every other process's.
+            ticks = [st.starttime for pid in sessions if (st := _watchdog.read_stat(pid))]
+            younger = min(ticks) + 1 if ticks else None
         _reap.reap_zombie_children(
-            killer.seen, sessions, self._since, table, host=self._host_children
+            killer.seen, sessions, self._since, table, host=self._host_children, younger=younger
         )
 
     def _reap_ranks(self) -> None:

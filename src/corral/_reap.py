@@ -90,13 +90,9 @@ def forget_own(pid: int) -> None:
     _OWN_CHILDREN.discard(pid)
 
 
-#: Start times count clock ticks. ``since`` is the tick before the group's, so a
-#: process started this many ticks after ``since`` is certainly younger than
-#: every child the host had when the group started.
-YOUNGER_TICKS: Final = 2
-#: When to note the host's children (see :func:`host_children`): once
-#: ``YOUNGER_TICKS`` have passed, so a short-lived group never pays the walk.
-HOST_NOTE_DELAY: Final = YOUNGER_TICKS / os.sysconf("SC_CLK_TCK")
+#: When to note the host's children (see :func:`host_children`): after a few
+#: clock ticks, so a short-lived group never pays the walk.
+HOST_NOTE_DELAY: Final = 3 / os.sysconf("SC_CLK_TCK")
 
 
 def host_children(since: int, token: str) -> frozenset[int]:
@@ -233,6 +229,7 @@ def reap_zombie_children(
     since: int,
     table: Mapping[int, _watchdog.Stat] | None = None,
     host: Collection[int] | None = None,
+    younger: int | None = None,
 ) -> int:
     """Reap every zombie child of this process that is a member of the group.
 
@@ -253,8 +250,10 @@ def reap_zombie_children(
     having started after the group, and by not being in ``host``, the host's
     young children noted shortly after the group started (start times are only
     accurate to a tick); without ``host`` (a group shorter than
-    ``HOST_NOTE_DELAY``) it must have started ``YOUNGER_TICKS`` after
-    ``since``. That narrow case is the documented limit.
+    ``HOST_NOTE_DELAY``) it must have started at tick ``younger`` or later:
+    the tick after the first rank's own start tick, read from the same clock,
+    so no child the host had before the group can qualify. That narrow case
+    is the documented limit.
 
     Returns:
         How many were reaped.
@@ -276,7 +275,7 @@ def reap_zombie_children(
             st.sid == pid
             and pid not in _OWN_CHILDREN
             and (
-                st.starttime >= since + YOUNGER_TICKS
+                younger is not None and st.starttime >= younger
                 if host is None
                 else st.starttime >= since and pid not in host
             )
