@@ -21,6 +21,8 @@ from .conftest import python, watched_console
 if TYPE_CHECKING:
     from pathlib import Path
 
+    import pytest
+
 
 def _console() -> tuple[Console, io.BytesIO, io.BytesIO]:
     out, err = io.BytesIO(), io.BytesIO()
@@ -222,3 +224,45 @@ def test_four_busy_ranks_never_interleave_mid_line(tmp_path: Path) -> None:
         assert seen[rank] == list(range(3000))
         lines = (tmp_path / str(rank) / "stdout.log").read_text().splitlines()
         assert len(lines) == 3000
+
+
+async def test_a_console_nobody_reads_never_blocks_the_loop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tee's console is a pipe that nobody reads: the event loop keeps running (the
+    rank's stderr handshake still arrives), close() finishes within its bound, the log
+    file keeps every byte the rank wrote, and the unshown console rest is reported."""
+    code = textwrap.dedent(
+        """
+        import os, sys
+        line = b"x" * 99 + b"\\n"
+        for _ in range(10_000):          # ~1 MiB: far more than the console pipe holds
+            os.write(1, line)
+        os.write(2, b"flooded\\n")
+        while True:
+            os.write(1, line)
+        """
+    )
+    r, w = os.pipe()
+    console_out = os.fdopen(w, "wb")
+    _, _, err = watched_console()
+    console = Console.create(stdout=console_out, stderr=err, color=False)
+    try:
+        async with (
+            asyncio.timeout(20),
+            corral.spawn(
+                python(code), nprocs=1, tee="all", grace=0.2, log_dir=tmp_path, console=console
+            ) as group,
+        ):
+            await err.wait_for(b"flooded")  # the loop was not stuck writing the console
+            result = await group.close()
+    finally:
+        console.close()
+        console_out.close()
+        os.close(r)
+    assert result.terminated == {0}
+    log = (tmp_path / "0" / "stdout.log").read_bytes()
+    assert len(log) >= 10_000 * 100
+    assert log == b"x" * 99 + b"\n" + log[100:]  # whole lines, in order, from the start
+    assert set(log.split(b"\n")[:-1]) == {b"x" * 99}
+    assert "not being read" in caplog.text

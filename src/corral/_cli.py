@@ -672,9 +672,12 @@ async def _run_group(opts: Options, signals: _Signals) -> int:
         grace=opts.grace,
         console=console,
     )
-    async with group:
-        signals.attach(group)
-        result = await group.wait()
+    try:
+        async with group:
+            signals.attach(group)
+            result = await group.wait()
+    finally:
+        console.close()
     signum = signals.first
     summary = render_summary(result, group.pids, signum=signum)
     failed = signum is not None or not result.ok

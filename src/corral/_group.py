@@ -176,6 +176,7 @@ class Group:
         self._result: Result | None = None
         self._host_children: frozenset[int] | None = None
         self._host_note: asyncio.TimerHandle | None = None
+        self._owns_console = False
         #: What poll() returned before close: close returns that same object
         #: when closing changed nothing (every rank had exited on its own).
         self._poll_result: Result | None = None
@@ -322,6 +323,7 @@ class Group:
             if console is None and any(rp.tee for rp in plan.ranks):
                 # Plain prefixes, exactly as formatted: colour is the CLI's choice.
                 console = self._console = Console.create(color=False)
+                self._owns_console = True
             for r in self._ranks:
                 rp = r.plan
                 outcome = start_rank(plan, rp)
@@ -560,8 +562,15 @@ class Group:
 
     async def _drain(self) -> None:
         pumps = [p for r in self._ranks for p in r.pumps]
+        console = self._console
         if not pumps:
+            if console is not None and self._owns_console:
+                console.close()
             return
+        if console is not None:
+            # Every writer is dead: the pipes hold a bounded rest, read it all
+            # even if the console is backed up (it is flushed, bounded, below).
+            console.release_readers()
         waiting = [p.done for p in pumps if not p.done.done()]
         if waiting:
             _, still = await asyncio.wait(waiting, timeout=DRAIN_TIMEOUT)
@@ -573,6 +582,10 @@ class Group:
         for p in pumps:
             p.drain_and_close()
         await asyncio.gather(*(p.done for p in pumps))
+        if console is not None:
+            await console.wait_flushed(DRAIN_TIMEOUT)
+            if self._owns_console:
+                console.close()
 
     # -- the result -------------------------------------------------------------
     def _build_result(self) -> Result:

@@ -56,6 +56,11 @@ class _LineTee:
         self._nl_prefix = b"\n" + prefix
         self._partial = b""
 
+    @property
+    def console(self) -> ConsoleStream:
+        """The console stream this splitter writes to."""
+        return self._console
+
     def feed(self, data: bytes) -> None:
         end = data.rfind(b"\n") + 1
         if end == 0:
@@ -103,6 +108,17 @@ class Pump(asyncio.Protocol):
         self._busy = False
         self._grown = False
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # -- paused by a console that does not keep up (see _tee.ConsoleStream) ---
+    def pause(self) -> None:
+        """Stop reading the pipe for now (the rank blocks once its pipe is full)."""
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume(self) -> None:
+        """Read the pipe again."""
+        if self._transport is not None:
+            self._transport.resume_reading()
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -171,6 +187,7 @@ class Pump(asyncio.Protocol):
             _grown -= 1
         if self._tee is not None:
             self._tee.flush()
+            self._tee.console.detach(self)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -214,4 +231,6 @@ async def open_pump(
         pump._finish()
         pipe.close()
         raise
+    if console is not None:
+        console.attach(pump)
     return pump
