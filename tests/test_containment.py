@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import corral
-from corral import _platform, _watchdog
+from corral import _platform, _reap, _watchdog
 
 from .children.contain_rank import run_shape
 from .conftest import python
@@ -434,10 +434,14 @@ async def test_watchdog_kills_the_group_of_an_abandoned_pipe(tmp_path: Path) -> 
     assert survivors(report, since) == []
 
 
-async def test_unwaited_new_session_child_is_reaped(tmp_path: Path) -> None:
-    """Regression (SPEC review): a rank's ``Popen(start_new_session=True)`` child that it
-    never waits for, and that dies before any close-time scan sees it alive, is re-parented
-    to the supervisor (the subreaper) and reaped at close: no zombie is left."""
+async def test_unwaited_new_session_child_is_reaped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (SPEC review): in a process corral owns (the CLI sets
+    ``REAP_ORPHAN_LEADERS``), a rank's ``Popen(start_new_session=True)`` child that it
+    never waits for, and that dies before any close-time scan sees it alive, is
+    re-parented to the supervisor (the subreaper) and reaped at close: no zombie."""
+    monkeypatch.setattr(_reap, "REAP_ORPHAN_LEADERS", True)
     code = (
         "import subprocess, sys;"
         "p = subprocess.Popen([sys.executable, '-c', 'pass'], start_new_session=True);"
@@ -451,3 +455,16 @@ async def test_unwaited_new_session_child_is_reaped(tmp_path: Path) -> None:
     for rank in (0, 1):
         pid = int((tmp_path / str(rank) / "stdout.log").read_text())
         assert _watchdog.read_stat(pid) is None, f"pid {pid} left as a zombie"
+
+
+async def test_host_child_started_during_a_group_keeps_its_exit_status(tmp_path: Path) -> None:
+    """Regression (review): a child the host starts in a new session while a group runs,
+    and that exits before the group closes, is not reaped by corral: the host's own
+    wait() still gets its exit status (corral is embedded in services)."""
+    with handshakes(tmp_path) as hs:
+        async with corral.spawn(rank_argv("plain", hs.path), nprocs=1, grace=GRACE) as g:
+            await hs.report(1)
+            mine = subprocess.Popen(["/bin/sh", "-c", "exit 3"], start_new_session=True)
+            await wait_exit(mine.pid)
+            await g.close()
+    assert mine.wait(timeout=5) == 3

@@ -266,3 +266,49 @@ async def test_a_console_nobody_reads_never_blocks_the_loop(
     assert log == b"x" * 99 + b"\n" + log[100:]  # whole lines, in order, from the start
     assert set(log.split(b"\n")[:-1]) == {b"x" * 99}
     assert "not being read" in caplog.text
+
+
+STDOUT_AND_STDERR = textwrap.dedent(
+    """
+    import asyncio, sys, corral
+    WRITER = (
+        "import os\\n"
+        "rank = os.environ['RANK']\\n"
+        "for i in range(4000):\\n"
+        "    os.write(1, f'rank{rank}-out{i}-'.encode() + b'o' * 300 + b'-end\\\\n')\\n"
+        "    os.write(2, f'rank{rank}-err{i}-'.encode() + b'e' * 300 + b'-end\\\\n')\\n"
+    )
+    async def main():
+        result = await corral.run(
+            [sys.executable, "-c", WRITER], nprocs=2, tee="all", log_dir=sys.argv[1]
+        )
+        sys.exit(0 if result.ok else 1)
+    asyncio.run(main())
+    """
+)
+
+
+def test_stdout_and_stderr_into_one_backed_up_pipe_stay_whole_lines(tmp_path: Path) -> None:
+    """Regression (review): with the supervisor's stdout and stderr on one pipe (``2>&1``,
+    or one terminal) that is read slower than written, every line stays whole: the two
+    console streams share one writer and one queue."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STDOUT_AND_STDERR, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    chunks = []
+    fd = proc.stdout.fileno()
+    while chunk := os.read(fd, 512):  # a deliberately slow reader: the pipe fills up
+        chunks.append(chunk)
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 0
+    lines = b"".join(chunks).decode().splitlines()
+    assert len(lines) == 2 * 2 * 4000
+    for line in lines:
+        prefix, _, body = line.partition(": ")
+        assert prefix in ("[0]", "[1]"), line[:80]
+        assert body.startswith(f"rank{prefix[1]}-"), line[:80]
+        assert body.endswith("-end"), line[-80:]
+        assert len(body) in range(310, 320), line[:80]

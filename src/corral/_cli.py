@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn
 
+from . import _reap
 from ._errors import ConfigError, CorralError
 from ._group import Group, spawn
 from ._std import Std
@@ -657,7 +658,20 @@ async def _run(opts: Options) -> int:
 
 async def _run_group(opts: Options, signals: _Signals) -> int:
     launch = plan_launch(opts, os.environ)
+    # corral owns this process: every child is its own, so orphans re-parented
+    # to it can be reaped without the library's caution about a host's children.
+    # (Restored after: main() also runs in-process, e.g. in tests.)
+    reap_before = _reap.REAP_ORPHAN_LEADERS
+    _reap.REAP_ORPHAN_LEADERS = True
     console = Console.create(color=_wants_color(opts.color, os.environ))
+    try:
+        return await _supervise(opts, signals, launch, console)
+    finally:
+        console.close()
+        _reap.REAP_ORPHAN_LEADERS = reap_before
+
+
+async def _supervise(opts: Options, signals: _Signals, launch: _Launch, console: Console) -> int:
     group = spawn(
         launch.entrypoint,
         nprocs=opts.nprocs,
@@ -672,12 +686,9 @@ async def _run_group(opts: Options, signals: _Signals) -> int:
         grace=opts.grace,
         console=console,
     )
-    try:
-        async with group:
-            signals.attach(group)
-            result = await group.wait()
-    finally:
-        console.close()
+    async with group:
+        signals.attach(group)
+        result = await group.wait()
     signum = signals.first
     summary = render_summary(result, group.pids, signum=signum)
     failed = signum is not None or not result.ok

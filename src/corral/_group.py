@@ -288,6 +288,11 @@ class Group:
             if self._watchdog is not None:
                 # End of file: the watchdog sweeps the rest of the group.
                 self._watchdog.abandon()
+            if self._subreaper:
+                self._subreaper = False
+                _platform.release_subreaper()
+            if self._owns_console and self._console is not None:
+                self._console.close()
             warnings.warn(
                 f"unclosed {self!r}: its ranks were killed", ResourceWarning, stacklevel=1
             )
@@ -436,6 +441,11 @@ class Group:
         killer = _Killer(loop)
         if self._host_note is not None:
             self._host_note.cancel()
+        # From now on the pumps read to the end: a backed-up console must not
+        # block a rank writing its last words during the grace period.
+        for r in self._ranks:
+            for pump in r.pumps:
+                pump.closing()
         try:
             # 1. Snapshot descendants first: once a rank dies its children are
             #    re-parented and parent links no longer lead to them.
@@ -460,6 +470,8 @@ class Group:
                 await watchdog_gone
         finally:
             killer.close()
+            if self._owns_console and self._console is not None:
+                self._console.close()
             self._reap_ranks()
             if self._subreaper:
                 self._subreaper = False
@@ -564,13 +576,7 @@ class Group:
         pumps = [p for r in self._ranks for p in r.pumps]
         console = self._console
         if not pumps:
-            if console is not None and self._owns_console:
-                console.close()
             return
-        if console is not None:
-            # Every writer is dead: the pipes hold a bounded rest, read it all
-            # even if the console is backed up (it is flushed, bounded, below).
-            console.release_readers()
         waiting = [p.done for p in pumps if not p.done.done()]
         if waiting:
             _, still = await asyncio.wait(waiting, timeout=DRAIN_TIMEOUT)
@@ -584,8 +590,6 @@ class Group:
         await asyncio.gather(*(p.done for p in pumps))
         if console is not None:
             await console.wait_flushed(DRAIN_TIMEOUT)
-            if self._owns_console:
-                console.close()
 
     # -- the result -------------------------------------------------------------
     def _build_result(self) -> Result:

@@ -48,13 +48,16 @@ _grown = 0  # pipes grown and not yet closed (approximate across threads: a budg
 class _LineTee:
     """Split chunks into prefixed whole lines, one console write per chunk."""
 
-    __slots__ = ("_console", "_nl_prefix", "_partial", "_prefix")
+    __slots__ = ("_console", "_nl_prefix", "_partial", "_prefix", "droppable")
 
     def __init__(self, console: ConsoleStream, prefix: bytes) -> None:
         self._console = console
         self._prefix = prefix
         self._nl_prefix = b"\n" + prefix
         self._partial = b""
+        #: Set when the group closes: its rest may be dropped from a backed-up
+        #: console (never from the log file) rather than block the close.
+        self.droppable = False
 
     @property
     def console(self) -> ConsoleStream:
@@ -72,23 +75,25 @@ class _LineTee:
             self._partial = b""
         prefix = self._prefix
         if prefix:
-            self._console.write(prefix + head[:-1].replace(b"\n", self._nl_prefix) + b"\n")
+            self._console.write(
+                prefix + head[:-1].replace(b"\n", self._nl_prefix) + b"\n", self.droppable
+            )
         else:
-            self._console.write(head)
+            self._console.write(head, self.droppable)
         if end < len(data):
             self._hold(data[end:])
 
     def _hold(self, tail: bytes) -> None:
         partial = self._partial + tail if self._partial else tail
         while len(partial) >= LINE_CAP:
-            self._console.write(self._prefix + partial[:LINE_CAP] + b"\n")
+            self._console.write(self._prefix + partial[:LINE_CAP] + b"\n", self.droppable)
             partial = partial[LINE_CAP:]
         self._partial = partial
 
     def flush(self) -> None:
         """End a last line that has no newline (the console gets one; the file does not)."""
         if self._partial:
-            self._console.write(self._prefix + self._partial + b"\n")
+            self._console.write(self._prefix + self._partial + b"\n", self.droppable)
             self._partial = b""
 
 
@@ -119,6 +124,12 @@ class Pump(asyncio.Protocol):
         """Read the pipe again."""
         if self._transport is not None:
             self._transport.resume_reading()
+
+    def closing(self) -> None:
+        """The group closes: read to the end, never paused by the console again."""
+        if self._tee is not None:
+            self._tee.droppable = True
+            self._tee.console.detach(self)
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

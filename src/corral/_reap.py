@@ -90,6 +90,13 @@ def forget_own(pid: int) -> None:
     _OWN_CHILDREN.discard(pid)
 
 
+#: Reap zombie session leaders re-parented to this process that no scan ever
+#: saw alive (see :func:`reap_zombie_children`). Off in the library: such a
+#: zombie cannot be told apart from a child the host itself started with
+#: ``start_new_session=True`` and will wait for. On in the CLI, which owns its
+#: process: every child there is corral's.
+REAP_ORPHAN_LEADERS: bool = False
+
 #: When to note the host's children (see :func:`host_children`): after a few
 #: clock ticks, so a short-lived group never pays the walk.
 HOST_NOTE_DELAY: Final = 3 / os.sysconf("SC_CLK_TCK")
@@ -272,7 +279,8 @@ def reap_zombie_children(
             st.sid in session_set and st.starttime >= since
         )
         orphan_leader = (
-            st.sid == pid
+            REAP_ORPHAN_LEADERS
+            and st.sid == pid
             and pid not in _OWN_CHILDREN
             and (
                 younger is not None and st.starttime >= younger

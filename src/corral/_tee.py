@@ -48,36 +48,217 @@ class _Reader(Protocol):
     def resume(self) -> None: ...
 
 
+class _Writer:
+    """The one non-blocking writer of a console *file*.
+
+    stdout and stderr on one terminal (or ``2>&1`` into one pipe) are one file:
+    they share this writer, its descriptor and its queue, so a line of one can
+    never land inside a partly written line of the other. The descriptor is a
+    private open of the file (``/proc/self/fd/N``), so ``O_NONBLOCK`` never
+    touches the host's own stdout. Used from one event loop.
+    """
+
+    def __init__(self, key: tuple[int, int], fd: int) -> None:
+        self.key = key
+        self.fd = fd
+        self.refs = 0
+        self.pending = bytearray()
+        self.queued = 0  # bytes accepted so far
+        self.done = 0  # bytes written (or dropped) so far
+        self.dropped = 0
+        self.broken: BaseException | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.readers: set[_Reader] = set()
+        self.paused = False
+        self.mid_line = False  # the console shows a torn line: start the next with a newline
+        self.progress: asyncio.Event | None = None  # made on the loop that waits
+
+    # -- writing --------------------------------------------------------------
+    def write(self, data: bytes, droppable: bool) -> bool:
+        """Queue ``data`` (whole lines); False once the console is gone."""
+        if self.broken is not None:
+            return False
+        if self.mid_line:
+            data = b"\n" + data
+            self.mid_line = False
+        self.queued += len(data)
+        if self.pending:
+            if droppable and len(self.pending) > HIGH_WATER:
+                # A closing group's rest while the console is backed up: the
+                # log files have it, and memory stays bounded.
+                self.dropped += len(data)
+                self.done += len(data)
+                return True
+            self.pending += data
+        else:
+            try:
+                written = os.write(self.fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError as exc:
+                self._break(exc)
+                return False
+            self.done += written
+            if written == len(data):
+                return True
+            self.pending += memoryview(data)[written:]
+            self._arm()
+        if len(self.pending) > HIGH_WATER and not self.paused:
+            self.paused = True
+            for reader in list(self.readers):
+                reader.pause()
+        return True
+
+    def _arm(self) -> None:
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+            self.loop.add_writer(self.fd, self._on_writable)
+
+    def _disarm(self) -> None:
+        if self.loop is not None:
+            self.loop.remove_writer(self.fd)
+            self.loop = None
+
+    def _on_writable(self) -> None:
+        try:
+            written = os.write(self.fd, self.pending)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._break(exc)
+            return
+        del self.pending[:written]
+        self.done += written
+        if self.progress is not None:
+            self.progress.set()
+        if not self.pending:
+            self._disarm()
+        if self.paused and len(self.pending) < LOW_WATER:
+            self._resume()
+
+    def _resume(self) -> None:
+        self.paused = False
+        for reader in list(self.readers):
+            reader.resume()
+
+    def drop_pending(self) -> None:
+        """Forget what the console has not taken (and let paused pumps read again)."""
+        if self.pending:
+            self.mid_line = True  # what was shown may end inside a line
+            self.dropped += len(self.pending)
+            self.done += len(self.pending)
+            self.pending.clear()
+        self._disarm()
+        if self.paused:
+            self._resume()
+        if self.progress is not None:
+            self.progress.set()
+
+    def _break(self, exc: BaseException) -> None:
+        self.broken = exc
+        self.drop_pending()
+        self.mid_line = False
+
+    # -- closing ----------------------------------------------------------------
+    async def wait_flushed(self, name: str, give_up_after: float) -> None:
+        """Wait until every byte queued so far is written; give up only after
+        ``give_up_after`` seconds without any progress (a console nobody reads)."""
+        target = self.queued
+        while self.done < target:
+            if self.progress is None:
+                self.progress = asyncio.Event()
+            self.progress.clear()
+            before = self.done
+            try:
+                await asyncio.wait_for(self.progress.wait(), give_up_after)
+            except TimeoutError:
+                if self.done == before:
+                    lost = len(self.pending)
+                    self.drop_pending()
+                    self.dropped = 0
+                    _log.warning(
+                        "corral: the console (%s) is not being read: %d byte(s) of teed "
+                        "output not shown (the log files have them)",
+                        name,
+                        lost,
+                    )
+                    return
+        if self.dropped:
+            _log.warning(
+                "corral: %d byte(s) of teed output written while closing were not shown: "
+                "the console (%s) was backed up (the log files have them)",
+                self.dropped,
+                name,
+            )
+            self.dropped = 0
+
+
+_WRITERS: dict[tuple[int, int], _Writer] = {}
+_WRITERS_GUARD = threading.Lock()
+
+
+def _writer_for(target: object) -> _Writer | None:
+    """The shared non-blocking writer of a pipe or terminal console, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    fileno = getattr(target, "fileno", None)
+    if fileno is None:
+        return None
+    try:
+        fd = fileno()
+        st = os.fstat(fd)
+        if not (stat.S_ISFIFO(st.st_mode) or os.isatty(fd)):
+            return None  # a regular file never blocks; other devices: leave alone
+        key = (st.st_dev, st.st_ino)
+        with _WRITERS_GUARD:
+            writer = _WRITERS.get(key)
+            if writer is None:
+                flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+                writer = _WRITERS[key] = _Writer(key, os.open(f"/proc/self/fd/{fd}", flags))
+            writer.refs += 1
+            return writer
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None  # a socket (ENXIO), a closed stream, no /proc: blocking writes
+
+
+def _release_writer(writer: _Writer) -> None:
+    with _WRITERS_GUARD:
+        writer.refs -= 1
+        if writer.refs > 0:
+            return
+        del _WRITERS[writer.key]
+    writer.drop_pending()
+    os.close(writer.fd)
+
+
 @dataclass(slots=True, eq=False)
 class ConsoleStream:
     """One console stream (the supervisor's stdout or stderr).
 
-    When the console is a pipe or a terminal, corral writes to it through a
-    descriptor of its own, opened non-blocking (``/proc/self/fd/N``: a new open
-    file description, so the flags of the host's stdout are left alone). A
-    console that does not keep up then never blocks the event loop: what it
-    has not taken waits in a bounded buffer, flushed when the descriptor turns
-    writable, and above ``HIGH_WATER`` the pumps stop reading. Elsewhere (a
-    regular file, an in-memory stream) writes are plain blocking writes.
+    A pipe or terminal console is written without ever blocking the event loop
+    (see ``_Writer``): what it has not taken waits in a bounded queue, and above
+    ``HIGH_WATER`` the pumps feeding it stop reading. Elsewhere (a regular
+    file, an in-memory stream) writes are plain blocking writes under a lock.
     """
 
     target: IO[bytes] | IO[str]
     name: str
     lock: threading.Lock = field(default_factory=threading.Lock)
     broken: bool = False
-    _fd: int | None = None
-    _pending: bytearray = field(default_factory=bytearray)
-    _loop: asyncio.AbstractEventLoop | None = None
-    _readers: set[_Reader] = field(default_factory=set)
-    _paused: bool = False
-    _flushed: asyncio.Event | None = None
+    _writer: _Writer | None = None
 
-    def write(self, data: bytes) -> None:
-        """Write whole lines; a broken console disables itself, never the run."""
+    def write(self, data: bytes, droppable: bool = False) -> None:
+        """Write whole lines; a broken console disables itself, never the run.
+
+        ``droppable``: the lines come from a closing group and may be dropped
+        (they are in the log file) while the console is backed up.
+        """
         if self.broken:
             return
-        if self._fd is not None:
-            self._write_nonblocking(data)
+        writer = self._writer
+        if writer is not None:
+            if not writer.write(data, droppable):
+                self._disable(writer.broken)
             return
         try:
             with self.lock:
@@ -88,134 +269,40 @@ class ConsoleStream:
                     cast("IO[str]", target).write(data.decode("utf-8", "replace"))
                 target.flush()
         except (BrokenPipeError, ValueError, OSError) as exc:
-            self._break(exc)
+            self._disable(exc)
 
-    def _break(self, exc: BaseException) -> None:
+    def _disable(self, exc: BaseException | None) -> None:
         # The console went away (`corral run ... | head -1`) or was closed:
         # stop teeing to it, keep the log files flowing.
         self.broken = True
-        self._pending.clear()
-        self._disarm()
-        self._resume_readers()
         _log.warning("corral: tee to %s disabled: %s", self.name, exc)
-
-    def _write_nonblocking(self, data: bytes) -> None:
-        fd = self._fd
-        assert fd is not None
-        if self._pending:  # keep the order: behind what is already waiting
-            self._pending += data
-        else:
-            try:
-                written = os.write(fd, data)
-            except BlockingIOError:
-                written = 0
-            except OSError as exc:
-                self._break(exc)
-                return
-            if written == len(data):
-                return
-            self._pending += memoryview(data)[written:]
-            self._arm()
-        if len(self._pending) > HIGH_WATER and not self._paused:
-            self._paused = True
-            for reader in self._readers:
-                reader.pause()
-
-    def _arm(self) -> None:
-        if self._loop is None and self._fd is not None:
-            self._loop = asyncio.get_running_loop()
-            self._loop.add_writer(self._fd, self._on_writable)
-
-    def _disarm(self) -> None:
-        if self._loop is not None and self._fd is not None:
-            self._loop.remove_writer(self._fd)
-        self._loop = None
-        if self._flushed is not None:
-            self._flushed.set()
-
-    def _on_writable(self) -> None:
-        fd = self._fd
-        assert fd is not None
-        try:
-            written = os.write(fd, self._pending)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._break(exc)
-            return
-        del self._pending[:written]
-        if not self._pending:
-            self._disarm()
-        if self._paused and len(self._pending) < LOW_WATER:
-            self._resume_readers()
-
-    def _resume_readers(self) -> None:
-        if self._paused:
-            self._paused = False
-            for reader in self._readers:
-                reader.resume()
 
     def attach(self, reader: _Reader) -> None:
         """A pump feeding this console: paused while the console is backed up."""
-        self._readers.add(reader)
-        if self._paused:
-            reader.pause()
+        writer = self._writer
+        if writer is not None:
+            writer.readers.add(reader)
+            if writer.paused:
+                reader.pause()
 
     def detach(self, reader: _Reader) -> None:
-        """The pump is done."""
-        self._readers.discard(reader)
-
-    def release_readers(self) -> None:
-        """Closing: let every pump read to the end whatever the console's state."""
-        self._resume_readers()
-        self._readers.clear()
+        """The pump stops following the console's back-pressure (and reads again)."""
+        writer = self._writer
+        if writer is not None and reader in writer.readers:
+            writer.readers.discard(reader)
+            if writer.paused:
+                reader.resume()
 
     async def wait_flushed(self, give_up_after: float) -> None:
-        """Wait until the console took every pending byte, for at most ``give_up_after`` s.
-
-        A console that takes nothing for that long (an open pipe nobody reads)
-        loses what is pending, with a warning: the log files hold every byte.
-        """
-        if not self._pending:
-            return
-        self._flushed = asyncio.Event()
-        try:
-            await asyncio.wait_for(self._flushed.wait(), give_up_after)
-        except TimeoutError:
-            _log.warning(
-                "corral: the console (%s) is not being read: %d byte(s) of teed output "
-                "not shown (the log files have them)",
-                self.name,
-                len(self._pending),
-            )
-            self._pending.clear()
-            self._disarm()
-        finally:
-            self._flushed = None
+        """Wait until the console took what was written so far (see ``_Writer``)."""
+        if self._writer is not None:
+            await self._writer.wait_flushed(self.name, give_up_after)
 
     def close(self) -> None:
-        """Drop the private descriptor (pending bytes should have been flushed)."""
-        self._disarm()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def _nonblocking_twin(target: object) -> int | None:
-    """A private non-blocking descriptor for a pipe/terminal console, else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    fileno = getattr(target, "fileno", None)
-    if fileno is None:
-        return None
-    try:
-        fd = fileno()
-        mode = os.fstat(fd).st_mode
-        if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
-            return None
-        return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except (OSError, ValueError, io.UnsupportedOperation):
-        return None  # a socket (ENXIO), a closed stream, no /proc: blocking writes
+        """Let go of the shared writer (its descriptor closes with its last user)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            _release_writer(writer)
 
 
 _BINARY: Final = (io.RawIOBase, io.BufferedIOBase)
@@ -266,15 +353,10 @@ class Console:
         if color is None:
             color = _wants_color(out)
         return cls(
-            stdout=ConsoleStream(out, "stdout", _lock_for(out), _fd=_nonblocking_twin(out)),
-            stderr=ConsoleStream(err, "stderr", _lock_for(err), _fd=_nonblocking_twin(err)),
+            stdout=ConsoleStream(out, "stdout", _lock_for(out), _writer=_writer_for(out)),
+            stderr=ConsoleStream(err, "stderr", _lock_for(err), _writer=_writer_for(err)),
             color=color,
         )
-
-    def release_readers(self) -> None:
-        """Closing: the pumps read to the end whatever the console's state."""
-        self.stdout.release_readers()
-        self.stderr.release_readers()
 
     async def wait_flushed(self, give_up_after: float) -> None:
         """Wait (bounded) until both streams took every pending byte."""
@@ -283,7 +365,7 @@ class Console:
         )
 
     def close(self) -> None:
-        """Close the private non-blocking descriptors (after :meth:`wait_flushed`)."""
+        """Let go of the shared console writers (after :meth:`wait_flushed`)."""
         self.stdout.close()
         self.stderr.close()
 
