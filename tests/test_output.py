@@ -312,3 +312,51 @@ def test_stdout_and_stderr_into_one_backed_up_pipe_stay_whole_lines(tmp_path: Pa
         assert body.startswith(f"rank{prefix[1]}-"), line[:80]
         assert body.endswith("-end"), line[-80:]
         assert len(body) in range(310, 320), line[:80]
+
+
+TWO_THREADS = textwrap.dedent(
+    """
+    import asyncio, sys, threading, corral
+    WRITER = (
+        "import os\\n"
+        "tag = os.environ['TAG']\\n"
+        "for i in range(3000):\\n"
+        "    os.write(1, f'{tag}-{i}-'.encode() + b'x' * 200 + b'-end\\\\n')\\n"
+    )
+    ok = []
+    def run(tag):
+        async def main():
+            result = await corral.run(
+                [sys.executable, "-c", WRITER], nprocs=2, tee="out",
+                env={"TAG": tag}, log_dir=sys.argv[1] + "/" + tag,
+            )
+            ok.append(result.ok)
+        asyncio.run(main())
+    threads = [threading.Thread(target=run, args=(t,)) for t in ("a", "b")]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    sys.exit(0 if ok == [True, True] else 1)
+    """
+)
+
+
+def test_groups_on_two_threads_share_a_backed_up_console(tmp_path: Path) -> None:
+    """Two groups, each on its own thread's event loop, tee into the supervisor's one
+    stdout pipe, read slower than written: every line arrives whole, none is lost."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TWO_THREADS, str(tmp_path)], stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    chunks = []
+    fd = proc.stdout.fileno()
+    while chunk := os.read(fd, 512):  # a deliberately slow reader: the pipe fills up
+        chunks.append(chunk)
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 0
+    lines = b"".join(chunks).decode().splitlines()
+    assert len(lines) == 2 * 2 * 3000
+    for line in lines:
+        prefix, _, body = line.partition(": ")
+        assert prefix in ("[0]", "[1]"), line[:80]
+        assert body.endswith("-end"), line[-80:]
+        assert len(body) in range(206, 214), line[:80]

@@ -17,7 +17,10 @@ import stat
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import IO, Final, Protocol, cast
+from typing import IO, TYPE_CHECKING, Final, Protocol, cast
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ("Console", "ConsoleStream")
 
@@ -39,6 +42,10 @@ def _lock_for(target: object) -> threading.Lock:
 #: as they would writing to a slow terminal themselves) until it falls below LOW.
 HIGH_WATER: Final = 1 << 20
 LOW_WATER: Final = 1 << 18
+#: A closing group's pumps are never paused (a rank's last words must not block
+#: it into a SIGKILL); their output is held up to this much, then dropped from
+#: the console (the log files keep it) so memory stays bounded.
+DROP_WATER: Final = 16 << 20
 
 
 class _Reader(Protocol):
@@ -55,7 +62,9 @@ class _Writer:
     they share this writer, its descriptor and its queue, so a line of one can
     never land inside a partly written line of the other. The descriptor is a
     private open of the file (``/proc/self/fd/N``), so ``O_NONBLOCK`` never
-    touches the host's own stdout. Used from one event loop.
+    touches the host's own stdout. Groups on several threads' event loops may
+    share it: its state is guarded by a lock, and a pump is paused or resumed
+    on its own loop.
     """
 
     def __init__(self, key: tuple[int, int], fd: int) -> None:
@@ -68,14 +77,20 @@ class _Writer:
         self.dropped = 0
         self.broken: BaseException | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.readers: set[_Reader] = set()
+        self.readers: dict[_Reader, asyncio.AbstractEventLoop] = {}
+        self.lock = threading.RLock()
         self.paused = False
         self.mid_line = False  # the console shows a torn line: start the next with a newline
-        self.progress: asyncio.Event | None = None  # made on the loop that waits
+        #: One event per waiting close (each on its own loop), set on any progress.
+        self.waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
 
     # -- writing --------------------------------------------------------------
     def write(self, data: bytes, droppable: bool) -> bool:
         """Queue ``data`` (whole lines); False once the console is gone."""
+        with self.lock:
+            return self._write(data, droppable)
+
+    def _write(self, data: bytes, droppable: bool) -> bool:
         if self.broken is not None:
             return False
         if self.mid_line:
@@ -83,7 +98,7 @@ class _Writer:
             self.mid_line = False
         self.queued += len(data)
         if self.pending:
-            if droppable and len(self.pending) > HIGH_WATER:
+            if droppable and len(self.pending) > DROP_WATER:
                 # A closing group's rest while the console is backed up: the
                 # log files have it, and memory stays bounded.
                 self.dropped += len(data)
@@ -105,21 +120,27 @@ class _Writer:
             self._arm()
         if len(self.pending) > HIGH_WATER and not self.paused:
             self.paused = True
-            for reader in list(self.readers):
-                reader.pause()
+            for reader, loop in list(self.readers.items()):
+                _on_loop(loop, reader.pause)
         return True
 
     def _arm(self) -> None:
+        if self.loop is not None and self.loop.is_closed():
+            self.loop = None  # armed on a loop that is gone: take it over
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
             self.loop.add_writer(self.fd, self._on_writable)
 
     def _disarm(self) -> None:
-        if self.loop is not None:
-            self.loop.remove_writer(self.fd)
-            self.loop = None
+        loop, self.loop = self.loop, None
+        if loop is not None and not loop.is_closed():
+            _on_loop(loop, lambda: loop.remove_writer(self.fd))
 
     def _on_writable(self) -> None:
+        with self.lock:
+            self._flush_some()
+
+    def _flush_some(self) -> None:
         try:
             written = os.write(self.fd, self.pending)
         except BlockingIOError:
@@ -129,8 +150,7 @@ class _Writer:
             return
         del self.pending[:written]
         self.done += written
-        if self.progress is not None:
-            self.progress.set()
+        self._notify()
         if not self.pending:
             self._disarm()
         if self.paused and len(self.pending) < LOW_WATER:
@@ -138,11 +158,15 @@ class _Writer:
 
     def _resume(self) -> None:
         self.paused = False
-        for reader in list(self.readers):
-            reader.resume()
+        for reader, loop in list(self.readers.items()):
+            _on_loop(loop, reader.resume)
 
     def drop_pending(self) -> None:
         """Forget what the console has not taken (and let paused pumps read again)."""
+        with self.lock:
+            self._drop_pending()
+
+    def _drop_pending(self) -> None:
         if self.pending:
             self.mid_line = True  # what was shown may end inside a line
             self.dropped += len(self.pending)
@@ -151,12 +175,15 @@ class _Writer:
         self._disarm()
         if self.paused:
             self._resume()
-        if self.progress is not None:
-            self.progress.set()
+        self._notify()
+
+    def _notify(self) -> None:
+        for loop, event in list(self.waiters):
+            _on_loop(loop, event.set)
 
     def _break(self, exc: BaseException) -> None:
         self.broken = exc
-        self.drop_pending()
+        self._drop_pending()
         self.mid_line = False
 
     # -- closing ----------------------------------------------------------------
@@ -164,25 +191,28 @@ class _Writer:
         """Wait until every byte queued so far is written; give up only after
         ``give_up_after`` seconds without any progress (a console nobody reads)."""
         target = self.queued
-        while self.done < target:
-            if self.progress is None:
-                self.progress = asyncio.Event()
-            self.progress.clear()
-            before = self.done
-            try:
-                await asyncio.wait_for(self.progress.wait(), give_up_after)
-            except TimeoutError:
-                if self.done == before:
-                    lost = len(self.pending)
-                    self.drop_pending()
-                    self.dropped = 0
-                    _log.warning(
-                        "corral: the console (%s) is not being read: %d byte(s) of teed "
-                        "output not shown (the log files have them)",
-                        name,
-                        lost,
-                    )
-                    return
+        waiter = (asyncio.get_running_loop(), asyncio.Event())
+        self.waiters.add(waiter)
+        try:
+            while self.done < target:
+                waiter[1].clear()
+                before = self.done
+                try:
+                    await asyncio.wait_for(waiter[1].wait(), give_up_after)
+                except TimeoutError:
+                    if self.done == before:
+                        lost = len(self.pending)
+                        self.drop_pending()
+                        self.dropped = 0
+                        _log.warning(
+                            "corral: the console (%s) is not being read: %d byte(s) of "
+                            "teed output not shown (the log files have them)",
+                            name,
+                            lost,
+                        )
+                        return
+        finally:
+            self.waiters.discard(waiter)
         if self.dropped:
             _log.warning(
                 "corral: %d byte(s) of teed output written while closing were not shown: "
@@ -191,6 +221,20 @@ class _Writer:
                 name,
             )
             self.dropped = 0
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop | None, fn: Callable[[], object]) -> None:
+    """Call ``fn`` on ``loop``: now when it is this thread's running loop, else soon."""
+    if loop is None or loop.is_closed():
+        return
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        fn()
+    else:
+        loop.call_soon_threadsafe(fn)
 
 
 _WRITERS: dict[tuple[int, int], _Writer] = {}
@@ -281,17 +325,18 @@ class ConsoleStream:
         """A pump feeding this console: paused while the console is backed up."""
         writer = self._writer
         if writer is not None:
-            writer.readers.add(reader)
-            if writer.paused:
-                reader.pause()
+            with writer.lock:
+                writer.readers[reader] = asyncio.get_running_loop()
+                if writer.paused:
+                    reader.pause()
 
     def detach(self, reader: _Reader) -> None:
         """The pump stops following the console's back-pressure (and reads again)."""
         writer = self._writer
-        if writer is not None and reader in writer.readers:
-            writer.readers.discard(reader)
-            if writer.paused:
-                reader.resume()
+        if writer is not None:
+            with writer.lock:
+                if writer.readers.pop(reader, None) is not None and writer.paused:
+                    reader.resume()
 
     async def wait_flushed(self, give_up_after: float) -> None:
         """Wait until the console took what was written so far (see ``_Writer``)."""
