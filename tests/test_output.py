@@ -268,6 +268,20 @@ async def test_a_console_nobody_reads_never_blocks_the_loop(
     assert "not being read" in caplog.text
 
 
+def _read_slowly(argv: list[str], stderr: int | None = None) -> list[str]:
+    """Run a supervisor script, reading its stdout in small reads (slower than it
+    writes, so the pipe fills up); return its lines once it exited 0."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr)
+    assert proc.stdout is not None
+    chunks = []
+    fd = proc.stdout.fileno()
+    while chunk := os.read(fd, 512):
+        chunks.append(chunk)
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 0
+    return b"".join(chunks).decode().splitlines()
+
+
 STDOUT_AND_STDERR = textwrap.dedent(
     """
     import asyncio, sys, corral
@@ -292,19 +306,9 @@ def test_stdout_and_stderr_into_one_backed_up_pipe_stay_whole_lines(tmp_path: Pa
     """Regression (review): with the supervisor's stdout and stderr on one pipe (``2>&1``,
     or one terminal) that is read slower than written, every line stays whole: the two
     console streams share one writer and one queue."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", STDOUT_AND_STDERR, str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+    lines = _read_slowly(
+        [sys.executable, "-c", STDOUT_AND_STDERR, str(tmp_path)], stderr=subprocess.STDOUT
     )
-    assert proc.stdout is not None
-    chunks = []
-    fd = proc.stdout.fileno()
-    while chunk := os.read(fd, 512):  # a deliberately slow reader: the pipe fills up
-        chunks.append(chunk)
-    proc.stdout.close()
-    assert proc.wait(timeout=60) == 0
-    lines = b"".join(chunks).decode().splitlines()
     assert len(lines) == 2 * 2 * 4000
     for line in lines:
         prefix, _, body = line.partition(": ")
@@ -343,17 +347,7 @@ TWO_THREADS = textwrap.dedent(
 def test_groups_on_two_threads_share_a_backed_up_console(tmp_path: Path) -> None:
     """Two groups, each on its own thread's event loop, tee into the supervisor's one
     stdout pipe, read slower than written: every line arrives whole, none is lost."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", TWO_THREADS, str(tmp_path)], stdout=subprocess.PIPE
-    )
-    assert proc.stdout is not None
-    chunks = []
-    fd = proc.stdout.fileno()
-    while chunk := os.read(fd, 512):  # a deliberately slow reader: the pipe fills up
-        chunks.append(chunk)
-    proc.stdout.close()
-    assert proc.wait(timeout=60) == 0
-    lines = b"".join(chunks).decode().splitlines()
+    lines = _read_slowly([sys.executable, "-c", TWO_THREADS, str(tmp_path)])
     assert len(lines) == 2 * 2 * 3000
     for line in lines:
         prefix, _, body = line.partition(": ")
