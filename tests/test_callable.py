@@ -21,6 +21,7 @@ import corral
 from corral._tee import Console
 
 from .children import callable_fns as fns
+from .conftest import watched_console
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -163,14 +164,12 @@ async def test_keyboard_interrupt_ends_like_python(tmp_path: Path) -> None:
 
 async def test_close_terminates_callable_ranks(tmp_path: Path) -> None:
     """Closing a group of running callables ends them by SIGTERM: terminated, not failed."""
-    ready = [tmp_path / f"ready{rank}" for rank in (0, 1)]
+    console, out, _ = watched_console()
     async with asyncio.timeout(20):
         async with corral.spawn(
-            fns.block, args={0: (str(ready[0]),), 1: (str(ready[1]),)}, log_dir=tmp_path / "logs"
+            fns.block, nprocs=2, tee="out", log_dir=tmp_path / "logs", console=console
         ) as group:
-            # Handshake: both ranks are inside fn (a file each writes; no event to await).
-            while not all(p.exists() for p in ready):  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+            await out.wait_for(b"ready", 2)  # handshake: both ranks are inside fn
             result = await group.close(grace=5)
     assert result.failures == {}
     assert result.terminated == frozenset({0, 1})

@@ -36,6 +36,15 @@ def _block_until_exited(pids: Iterable[int]) -> None:
         os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
 
 
+def _fail_in_order(first: int, go: Path, then: int) -> None:
+    """Block (the loop too) until rank pid ``first`` has exited, then let the rank
+    waiting on the FIFO ``go`` proceed, and block until ``then`` has exited too."""
+    _block_until_exited([first])
+    with open(go, "wb"):
+        pass  # the waiting rank reads end of file: its go
+    _block_until_exited([then])
+
+
 async def test_record_in_a_command_rank(tmp_path: Path) -> None:
     """@corral.record on a command's main() writes error.json; the Failure reads it."""
     async with asyncio.timeout(20):
@@ -97,15 +106,16 @@ async def test_root_cause_is_earliest_error_timestamp(tmp_path: Path) -> None:
     decide (a tie on exit time would go to the lower rank, 0): the error
     files' timestamps do.
     """
-    rank1_error = tmp_path / "1" / "error.json"
+    go = tmp_path / "go"
+    os.mkfifo(go)
     async with asyncio.timeout(20):
         async with corral.spawn(
             [sys.executable, RECORD_ORDER],
-            args={0: ["second", str(rank1_error)], 1: ["first"]},
+            args={0: ["second", str(go)], 1: ["first"]},
             redirects="all",
-            log_dir=tmp_path,
+            log_dir=tmp_path / "logs",
         ) as group:
-            _block_until_exited(group.pids.values())
+            _fail_in_order(group.pids[1], go, then=group.pids[0])
             result = await group.wait()
     assert set(result.failures) == {0, 1}
     first, second = result.failures[1], result.failures[0]
@@ -119,8 +129,7 @@ async def test_root_cause_is_earliest_error_timestamp(tmp_path: Path) -> None:
 
 CRASH_AFTER = (
     "import os, signal, sys\n"
-    "while not os.path.exists(sys.argv[1]):\n"
-    "    import time; time.sleep(0.005)\n"
+    "open(sys.argv[1], 'rb').read()\n"
     "print('segment table corrupt, giving up', file=sys.stderr, flush=True)\n"
     "os.kill(os.getpid(), signal.SIGKILL)\n"
 )
@@ -135,20 +144,21 @@ async def test_raise_for_failure_text(tmp_path: Path) -> None:
     logs; then the other failures (a signal, with the tail of its stderr)
     and the ranks corral terminated.
     """
-    rank0_error = tmp_path / "0" / "error.json"
+    go = tmp_path / "go"
+    os.mkfifo(go)
     async with asyncio.timeout(20):
         async with corral.spawn(
             [sys.executable],
             args={
                 0: [RECORD_MAIN, "3"],
-                1: ["-c", CRASH_AFTER, str(rank0_error)],
+                1: ["-c", CRASH_AFTER, str(go)],
                 2: ["-c", SLEEPER],
             },
             redirects="all",
             log_dir=tmp_path,
             grace=5,
         ) as group:
-            _block_until_exited([group.pids[0], group.pids[1]])
+            _fail_in_order(group.pids[0], go, then=group.pids[1])
             result = await group.wait()
     assert result.terminated == frozenset({2})
     with pytest.raises(corral.GroupFailedError) as info:

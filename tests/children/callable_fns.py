@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 
 
 def add(a: int, b: int) -> dict[str, object]:
@@ -45,18 +44,6 @@ def fail(text: str) -> None:
 
 def _inner(text: str) -> None:
     raise BadInput(f"bad input: {text}")
-
-
-def fail_after_file(path: str, text: str) -> None:
-    """Wait for ``path`` to exist, then raise (orders failures between ranks)."""
-    while not os.path.exists(path):
-        time.sleep(0.005)
-    raise RuntimeError(text)
-
-
-def fail_then_signal(path: str) -> None:
-    """Raise after creating ``path``... at exit (a recorded failure, then another rank goes)."""
-    raise RuntimeError(f"first: {path}")
 
 
 def exit_with(code: int) -> None:
@@ -99,10 +86,9 @@ async def async_fail() -> None:
     raise LookupError("nothing here")
 
 
-def block(ready_file: str) -> None:
-    """Signal readiness through a file, then block until killed."""
-    with open(ready_file, "w") as f:
-        f.write("ready")
+def block() -> None:
+    """Say ``ready`` (a handshake the test awaits on the tee), then block until killed."""
+    print("ready", flush=True)
     threading.Event().wait()
 
 

@@ -1,23 +1,22 @@
-"""A recorded command rank that fails, optionally only after another rank's error file exists.
+"""A recorded command rank that fails, optionally only once the test lets it go.
 
-argv: MESSAGE [WAIT_FOR_PATH]. Used to make two ranks fail in a known order.
+argv: MESSAGE [GO_FIFO]. With GO_FIFO the rank blocks reading that FIFO until
+the test opens and closes it (after another rank failed): a known order.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 
 import corral
 
 
 @corral.record
 def main() -> None:
-    """Wait for WAIT_FOR_PATH (a handshake with the other rank), then raise."""
+    """Wait for the go (end of file on GO_FIFO), then raise."""
     if len(sys.argv) > 2:
-        while not os.path.exists(sys.argv[2]):
-            time.sleep(0.005)
+        with open(sys.argv[2], "rb") as go:
+            go.read()
     raise RuntimeError(sys.argv[1])
 
 
