@@ -27,6 +27,7 @@ from .conftest import python
 from .test_containment import (
     CHILDREN,
     handshakes,
+    own_children,
     rank_argv,
     survivors,
     wait_exit,
@@ -168,7 +169,7 @@ async def test_escaped_process_holding_the_pipe(
         "os.read(r, 1)  # EOF: the daemon has exec'd (w is close-on-exec)\n"
         "print('rank done')\n"
     )
-    before = set(_own_children())
+    before = set(own_children())
     try:
         async with asyncio.timeout(30):
             result = await corral.run(
@@ -178,15 +179,26 @@ async def test_escaped_process_holding_the_pipe(
         assert (tmp_path / "logs/0/stdout.log").read_bytes() == b"rank done\n"
         assert "still holds a rank's pipe" in caplog.text
     finally:
-        for pid in _own_children() - before:  # the escaped daemon, re-parented to us
+        for pid in own_children() - before:  # the escaped daemon, re-parented to us
             os.kill(pid, signal.SIGKILL)
             await wait_exit(pid)
             os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 (it has exited)
 
 
-def _own_children() -> set[int]:
-    me = os.getpid()
-    return {pid for pid, st in _watchdog.proc_table(skip=(me,)).items() if st.ppid == me}
+async def _finish(sup: subprocess.Popen[bytes]) -> str:
+    """Wait (event-driven, bounded) for a supervisor script to exit 0; return its stderr."""
+    try:
+        async with asyncio.timeout(60):
+            await wait_exit(sup.pid)
+        assert sup.wait() == 0
+        assert sup.stderr is not None
+        return sup.stderr.read().decode()
+    finally:
+        if sup.returncode is None:
+            sup.kill()
+            sup.wait()
+        if sup.stderr is not None:
+            sup.stderr.close()
 
 
 async def test_console_goes_away(tmp_path: Path) -> None:
@@ -205,21 +217,10 @@ async def test_console_goes_away(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    try:
-        assert sup.stdout is not None
-        assert sup.stdout.readline()  # the tee is flowing
-        sup.stdout.close()  # the console goes away
-        async with asyncio.timeout(60):
-            await wait_exit(sup.pid)
-        assert sup.wait() == 0
-        assert sup.stderr is not None
-        stderr = sup.stderr.read().decode()
-    finally:
-        if sup.returncode is None:
-            sup.kill()
-            sup.wait()
-        if sup.stderr is not None:
-            sup.stderr.close()
+    assert sup.stdout is not None
+    assert sup.stdout.readline()  # the tee is flowing
+    sup.stdout.close()  # the console goes away
+    stderr = await _finish(sup)
     assert json.loads(out.read_text())["ok"] is True
     assert "tee to stdout disabled" in stderr
     for rank in range(nprocs):
@@ -243,18 +244,7 @@ async def test_log_write_failure_is_reported(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    try:
-        async with asyncio.timeout(60):
-            await wait_exit(sup.pid)
-        assert sup.wait() == 0
-        assert sup.stderr is not None
-        stderr = sup.stderr.read().decode()
-    finally:
-        if sup.returncode is None:
-            sup.kill()
-            sup.wait()
-        if sup.stderr is not None:
-            sup.stderr.close()
+    stderr = await _finish(sup)
     report = json.loads(out.read_text())
     assert report["exit_codes"] == {"0": 0, "1": 0}  # the rank itself ran to its end
     assert list(report["log_errors"]) == ["0"]

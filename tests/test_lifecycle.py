@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -13,11 +14,12 @@ import psutil
 import pytest
 
 import corral
-from corral import CorralError, GroupFailedError, Std
+from corral import CorralError, Group, GroupFailedError, Std
 
 from .conftest import python, watched_console
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
 SLEEPER = "import time; print('ready', flush=True); time.sleep(600)"
@@ -29,6 +31,22 @@ IGNORE_TERM = textwrap.dedent(
     time.sleep(600)
     """
 )
+
+
+@contextlib.asynccontextmanager
+async def ready_group(
+    code: str, log_dir: Path, *, nprocs: int, grace: float
+) -> AsyncIterator[Group]:
+    """Spawn ``nprocs`` ranks of ``code`` (stdout teed); yield once each printed ``ready``."""
+    console, out, _ = watched_console()
+    async with (
+        asyncio.timeout(10),
+        corral.spawn(
+            python(code), nprocs=nprocs, tee="out", grace=grace, log_dir=log_dir, console=console
+        ) as group,
+    ):
+        await out.wait_for(b"ready", nprocs)
+        yield group
 
 
 async def test_all_succeed(tmp_path: Path) -> None:
@@ -144,14 +162,7 @@ async def test_poll_before_and_after(tmp_path: Path) -> None:
 
 async def test_concurrent_close_returns_one_result(tmp_path: Path) -> None:
     """Three concurrent close() calls and a later one all get the same Result object."""
-    console, out, _ = watched_console()
-    async with (
-        asyncio.timeout(10),
-        corral.spawn(
-            python(SLEEPER), nprocs=3, tee="out", grace=5, log_dir=tmp_path, console=console
-        ) as group,
-    ):
-        await out.wait_for(b"ready", 3)
+    async with ready_group(SLEEPER, tmp_path, nprocs=3, grace=5) as group:
         results = await asyncio.gather(group.close(), group.close(), group.close())
         again = await group.close()
         waited = await group.wait()
@@ -163,14 +174,7 @@ async def test_concurrent_close_returns_one_result(tmp_path: Path) -> None:
 
 async def test_escalation_to_sigkill(tmp_path: Path) -> None:
     """Ranks ignoring SIGTERM are SIGKILLed after grace; they are terminated, not failed."""
-    console, out, _ = watched_console()
-    async with (
-        asyncio.timeout(10),
-        corral.spawn(
-            python(IGNORE_TERM), nprocs=2, tee="out", grace=0.2, log_dir=tmp_path, console=console
-        ) as group,
-    ):
-        await out.wait_for(b"ready", 2)
+    async with ready_group(IGNORE_TERM, tmp_path, nprocs=2, grace=0.2) as group:
         result = await group.close()
     assert result.exit_codes == {0: -signal.SIGKILL, 1: -signal.SIGKILL}
     assert result.terminated == {0, 1}
@@ -234,14 +238,7 @@ async def test_double_cancel_still_cleans_up(tmp_path: Path) -> None:
 
 async def test_cancelled_close_skips_the_grace_but_finishes(tmp_path: Path) -> None:
     """Cancelling close() during its grace period SIGKILLs at once and finishes cleaning."""
-    console, out, _ = watched_console()
-    async with (
-        asyncio.timeout(10),
-        corral.spawn(
-            python(IGNORE_TERM), nprocs=1, tee="out", grace=300, log_dir=tmp_path, console=console
-        ) as group,
-    ):
-        await out.wait_for(b"ready")
+    async with ready_group(IGNORE_TERM, tmp_path, nprocs=1, grace=300) as group:
         closing = asyncio.create_task(group.close())
         await asyncio.sleep(0)  # let close() start and send SIGTERM
         closing.cancel()
@@ -254,14 +251,7 @@ async def test_cancelled_close_skips_the_grace_but_finishes(tmp_path: Path) -> N
 
 async def test_close_with_shorter_grace_shortens_a_running_close(tmp_path: Path) -> None:
     """A second close(grace=0) hurries a close that is waiting out a long grace."""
-    console, out, _ = watched_console()
-    async with (
-        asyncio.timeout(10),
-        corral.spawn(
-            python(IGNORE_TERM), nprocs=1, tee="out", grace=300, log_dir=tmp_path, console=console
-        ) as group,
-    ):
-        await out.wait_for(b"ready")
+    async with ready_group(IGNORE_TERM, tmp_path, nprocs=1, grace=300) as group:
         slow = asyncio.create_task(group.close())
         await asyncio.sleep(0)
         fast = await group.close(grace=0)
