@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import corral
@@ -19,8 +20,6 @@ from corral._tee import Console
 from .conftest import python, watched_console
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     import pytest
 
 
@@ -178,25 +177,18 @@ async def test_output_written_just_before_a_kill_is_kept(tmp_path: Path) -> None
     assert out.getvalue() == b"[0]: partial line, no newline\n"
 
 
-SUPERVISOR = textwrap.dedent(
+TEE_RUN = str(Path(__file__).parent / "children" / "tee_run.py")
+
+BUSY_WRITER = textwrap.dedent(
     """
-    import asyncio, sys, corral
-    WRITER = '''
     import os, random, sys
     rank = int(os.environ["RANK"])
     rng = random.Random(rank)
     for i in range(3000):
         line = f"rank{rank}-line{i}-" + "x" * rng.randrange(0, 3000) + f"-end{rank}"
-        sys.stdout.write(line + "\\\\n")
+        sys.stdout.write(line + "\\n")
         if i % 7 == 0:
             sys.stdout.flush()
-    '''
-    async def main():
-        result = await corral.run(
-            [sys.executable, "-c", WRITER], nprocs=4, tee="out", log_dir=sys.argv[1]
-        )
-        sys.exit(0 if result.ok else 1)
-    asyncio.run(main())
     """
 )
 
@@ -206,7 +198,7 @@ def test_four_busy_ranks_never_interleave_mid_line(tmp_path: Path) -> None:
     whole, correctly prefixed line of one rank, and each rank's lines stay in order."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     proc = subprocess.run(
-        [sys.executable, "-c", SUPERVISOR, str(tmp_path)],
+        [sys.executable, TEE_RUN, str(tmp_path), "4", "out", BUSY_WRITER],
         capture_output=True,
         timeout=60,
         env=env,
@@ -282,22 +274,13 @@ def _read_slowly(argv: list[str], stderr: int | None = None) -> list[str]:
     return b"".join(chunks).decode().splitlines()
 
 
-STDOUT_AND_STDERR = textwrap.dedent(
+OUT_AND_ERR_WRITER = textwrap.dedent(
     """
-    import asyncio, sys, corral
-    WRITER = (
-        "import os\\n"
-        "rank = os.environ['RANK']\\n"
-        "for i in range(4000):\\n"
-        "    os.write(1, f'rank{rank}-out{i}-'.encode() + b'o' * 300 + b'-end\\\\n')\\n"
-        "    os.write(2, f'rank{rank}-err{i}-'.encode() + b'e' * 300 + b'-end\\\\n')\\n"
-    )
-    async def main():
-        result = await corral.run(
-            [sys.executable, "-c", WRITER], nprocs=2, tee="all", log_dir=sys.argv[1]
-        )
-        sys.exit(0 if result.ok else 1)
-    asyncio.run(main())
+    import os
+    rank = os.environ["RANK"]
+    for i in range(4000):
+        os.write(1, f"rank{rank}-out{i}-".encode() + b"o" * 300 + b"-end\\n")
+        os.write(2, f"rank{rank}-err{i}-".encode() + b"e" * 300 + b"-end\\n")
     """
 )
 
@@ -307,7 +290,8 @@ def test_stdout_and_stderr_into_one_backed_up_pipe_stay_whole_lines(tmp_path: Pa
     or one terminal) that is read slower than written, every line stays whole: the two
     console streams share one writer and one queue."""
     lines = _read_slowly(
-        [sys.executable, "-c", STDOUT_AND_STDERR, str(tmp_path)], stderr=subprocess.STDOUT
+        [sys.executable, TEE_RUN, str(tmp_path), "2", "all", OUT_AND_ERR_WRITER],
+        stderr=subprocess.STDOUT,
     )
     assert len(lines) == 2 * 2 * 4000
     for line in lines:
@@ -318,28 +302,12 @@ def test_stdout_and_stderr_into_one_backed_up_pipe_stay_whole_lines(tmp_path: Pa
         assert len(body) in range(310, 320), line[:80]
 
 
-TWO_THREADS = textwrap.dedent(
+TAGGED_WRITER = textwrap.dedent(
     """
-    import asyncio, sys, threading, corral
-    WRITER = (
-        "import os\\n"
-        "tag = os.environ['TAG']\\n"
-        "for i in range(3000):\\n"
-        "    os.write(1, f'{tag}-{i}-'.encode() + b'x' * 200 + b'-end\\\\n')\\n"
-    )
-    ok = []
-    def run(tag):
-        async def main():
-            result = await corral.run(
-                [sys.executable, "-c", WRITER], nprocs=2, tee="out",
-                env={"TAG": tag}, log_dir=sys.argv[1] + "/" + tag,
-            )
-            ok.append(result.ok)
-        asyncio.run(main())
-    threads = [threading.Thread(target=run, args=(t,)) for t in ("a", "b")]
-    for t in threads: t.start()
-    for t in threads: t.join()
-    sys.exit(0 if ok == [True, True] else 1)
+    import os
+    tag = os.environ["TAG"]
+    for i in range(3000):
+        os.write(1, f"{tag}-{i}-".encode() + b"x" * 200 + b"-end\\n")
     """
 )
 
@@ -347,7 +315,7 @@ TWO_THREADS = textwrap.dedent(
 def test_groups_on_two_threads_share_a_backed_up_console(tmp_path: Path) -> None:
     """Two groups, each on its own thread's event loop, tee into the supervisor's one
     stdout pipe, read slower than written: every line arrives whole, none is lost."""
-    lines = _read_slowly([sys.executable, "-c", TWO_THREADS, str(tmp_path)])
+    lines = _read_slowly([sys.executable, TEE_RUN, str(tmp_path), "2", "out", TAGGED_WRITER, "2"])
     assert len(lines) == 2 * 2 * 3000
     for line in lines:
         prefix, _, body = line.partition(": ")
