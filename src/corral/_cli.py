@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Final, NoReturn
 from . import _reap
 from ._errors import ConfigError, CorralError
 from ._group import Group, spawn
+from ._result import signal_name
 from ._std import Std
 from ._tee import Console
 
@@ -465,16 +466,9 @@ def exit_status(result: Result, signum: int | None = None) -> int:
 
 def _how(exitcode: int, signame: str | None) -> str:
     if exitcode < 0:
-        name = signame or _signal_name(-exitcode)
+        name = signame or signal_name(-exitcode)
         return f"killed by {name} (exit status {128 - exitcode})"
     return f"exited with code {exitcode}"
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 def tail_lines(path: Path | None, count: int = TAIL_LINES) -> list[str]:
@@ -516,7 +510,7 @@ def render_summary(
     n = len(result.exit_codes)
     lines: list[str] = []
     if signum is not None:
-        lines.append(f"corral: stopped by {_signal_name(signum)}")
+        lines.append(f"corral: stopped by {signal_name(signum)}")
     root = result.root_cause
     if root is not None:
         lines.append(
@@ -622,7 +616,7 @@ class _Signals:
 
     def _on_signal(self, sig: int) -> None:
         self.received.append(sig)
-        name = _signal_name(sig)
+        name = signal_name(sig)
         if len(self.received) == 1:
             _say(
                 f"corral: received {name}: stopping the ranks (SIGTERM, then SIGKILL "

@@ -25,7 +25,7 @@ from ._config import Entrypoint, GroupPlan, RankPlan, StdSpec, _grace, build_pla
 from ._errors import ConfigError, CorralError
 from ._pump import Pump, open_pump
 from ._record import read_error_file
-from ._result import Failure, RankLogs, Result
+from ._result import Failure, RankLogs, Result, signal_name
 from ._spawn import ExecFailed, start_rank
 from ._std import Std
 from ._tee import Console
@@ -641,7 +641,7 @@ class Group:
 
     def _failure(self, r: _Rank, code: int, message: str | None = None) -> Failure:
         """Build rank ``r``'s Failure: the error file, when there is one, explains it."""
-        sig = _signal_name(-code) if code < 0 else None
+        sig = signal_name(-code) if code < 0 else None
         info = read_error_file(r.plan.logs.error_file)
         timestamp = r.exit_time or time.time()
         if message is None:
@@ -749,13 +749,6 @@ def _killpg(r: _Rank, sig: int, *, held: bool = False) -> None:
                 os.kill(r.pid, sig)
             except ProcessLookupError:
                 pass
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"SIG{signum}"
 
 
 def spawn(

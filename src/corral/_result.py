@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -255,6 +256,14 @@ def _tail(path: Path, count: int) -> list[str]:
     if size > TAIL_BYTES and lines:
         lines = lines[1:]  # probably a partial line
     return lines[-count:]
+
+
+def signal_name(signum: int) -> str:
+    """The name of signal ``signum`` (``"SIGSEGV"``), or ``"SIG<n>"`` for one without a name."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"SIG{signum}"
 
 
 def _ranges(ranks: frozenset[int] | set[int]) -> str:
