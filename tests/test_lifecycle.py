@@ -142,10 +142,10 @@ async def test_poll_before_and_after(tmp_path: Path) -> None:
     console, out, _ = watched_console()
     code = textwrap.dedent(
         """
-        import signal, sys, time
-        signal.signal(signal.SIGUSR1, lambda *_: sys.exit(0))
+        import signal
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # sigwait: no lost signal
         print('ready', flush=True)
-        time.sleep(600)
+        signal.sigwait({signal.SIGUSR1})
         """
     )
     async with (
@@ -201,17 +201,14 @@ async def test_double_cancel_still_cleans_up(tmp_path: Path) -> None:
     """A task cancelled twice with raw Task.cancel() while its group closes (ranks ignore
     SIGTERM) still finishes the clean-up before CancelledError propagates."""
     console, out, _ = watched_console()
-    term_seen = tmp_path / "term"
     code = textwrap.dedent(
-        f"""
-        import signal, time
-        def on_term(*_):
-            open({str(term_seen)!r} + str(__import__('os').getpid()), 'w').close()
-            print('term', flush=True)
-        signal.signal(signal.SIGTERM, on_term)
+        """
+        import signal
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # sigwait: no lost signal
         print('ready', flush=True)
         while True:
-            time.sleep(600)
+            signal.sigwait({signal.SIGTERM})
+            print('term', flush=True)
         """
     )
     group = corral.spawn(
@@ -303,10 +300,11 @@ async def test_send_signal(tmp_path: Path) -> None:
     """send_signal reaches the chosen ranks' process groups only; bad ranks are refused."""
     code = textwrap.dedent(
         """
-        import signal, sys, time
-        signal.signal(signal.SIGUSR1, lambda *_: (print('usr1', flush=True), sys.exit(0)))
+        import signal
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # sigwait: no lost signal
         print('ready', flush=True)
-        time.sleep(600)
+        signal.sigwait({signal.SIGUSR1})
+        print('usr1', flush=True)
         """
     )
     console, out, _ = watched_console()

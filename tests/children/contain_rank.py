@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 SLEEP = ["/bin/sleep", "1000"]
 
@@ -64,8 +65,6 @@ def _fill_pipe() -> int:
 
 def run_shape(shape: str, fifo: str) -> None:
     """Build ``shape``, hand-shake through ``fifo``, then wait for the end (never returns)."""
-    signal.signal(signal.SIGUSR1, lambda *_: os._exit(1))
-    signal.signal(signal.SIGUSR2, lambda *_: os._exit(0))
     pids: list[int] = []
     full_pipe = None
     if shape == "ignore_term":
@@ -81,15 +80,25 @@ def run_shape(shape: str, fifo: str) -> None:
         full_pipe = _fill_pipe()
     elif shape != "plain":
         raise SystemExit(f"unknown shape {shape}")
+    # Block the end signals before the handshake and take them with sigwait():
+    # a Python handler plus pause() would miss a signal that lands between the
+    # handshake and the pause() call (it would run only after pause() returns).
+    ends = {signal.SIGUSR1, signal.SIGUSR2}
+    signal.pthread_sigmask(signal.SIG_BLOCK, ends)
     line = " ".join([os.environ["RANK"], os.environ["CORRAL_GROUP"], str(os.getpid())])
     line += "".join(f" {p}" for p in pids) + "\n"
     fd = os.open(fifo, os.O_WRONLY)
     os.write(fd, line.encode())
     os.close(fd)
     if full_pipe is not None:
+        threading.Thread(target=_end_on, args=(ends,), daemon=True).start()
         os.write(full_pipe, b"x" * 65536)  # blocks for ever: nobody reads
-    while True:
-        signal.pause()
+    _end_on(ends)
+
+
+def _end_on(signals: set[signal.Signals]) -> None:
+    """Exit 1 on SIGUSR1, 0 on SIGUSR2 (blocked ``signals`` taken by sigwait)."""
+    os._exit(1 if signal.sigwait(signals) == signal.SIGUSR1 else 0)
 
 
 if __name__ == "__main__":
