@@ -41,7 +41,7 @@ RANK = str(CHILDREN / "contain_rank.py")
 SUPERVISOR = str(CHILDREN / "contain_supervisor.py")
 GRACE = 0.3
 NPROCS = 2
-SHAPES = ("plain", "child", "setsid", "children50", "ignore_term", "full_pipe")
+SHAPES = ("plain", "child", "setsid", "children50", "ignore_term", "full_pipe", "fork_on_term")
 #: Ranks that ignore SIGTERM end only by SIGKILL after the grace period.
 SLOW_SHAPES = frozenset({"ignore_term"})
 
@@ -331,8 +331,9 @@ async def test_nothing_survives(kind: str, ending: str, shape: str, tmp_path: Pa
     task waiting inside ``async with``, an exception in the block, and
     SIGTERM/SIGINT/SIGKILL to a supervising process. Shapes: a plain rank, one
     with a child, with a setsid() grandchild whose parent exited, with 50
-    children, ignoring SIGTERM (with a child), blocked writing a full pipe.
-    Each for a command rank and for a Python callable rank.
+    children, ignoring SIGTERM (with a child), blocked writing a full pipe,
+    starting a setsid() daemon when SIGTERM comes (born after close's first
+    look at ``/proc``). Each for a command rank and for a Python callable rank.
     """
     if ending in SUPERVISOR_SIGNALS:
         await _end_by_signal(kind, ending, shape, tmp_path)

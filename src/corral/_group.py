@@ -183,6 +183,7 @@ class Group:
         self._since = 0
         self._started_at = 0.0
         self._watchdog: _reap.Watchdog | None = None
+        self._census: _reap.Census | None = None
         self._subreaper = False
         self.nprocs: int = plan.nprocs
         self.log_dir: Path = plan.log_dir
@@ -320,6 +321,7 @@ class Group:
         self._subreaper = True
         _platform.acquire_subreaper()
         self._since = _reap.boot_ticks_now()
+        self._census = census = _reap.Census()
         self._started_at = time.time()
         self._state = _State.RUNNING
         console = self._console
@@ -341,6 +343,7 @@ class Group:
                 popen = outcome.popen
                 r.pid = popen.pid
                 _reap.register_own(popen.pid)
+                census.own(popen.pid)
                 r.popen_returncode_sink = popen
                 self._live += 1
                 _platform.watch_exit(loop, popen.pid, _exit_callback(self, r, popen), reap=False)
@@ -361,7 +364,9 @@ class Group:
             # does not delay theirs; nothing waits for it to be ready.
             watchdog = self._watchdog = _reap.Watchdog.start(plan.token, self._since)
             if watchdog is not None:
+                census.own(watchdog.pid)
                 watchdog.add_ranks(loop, [r.pid for r in self._ranks if r.pid is not None])
+            census.check()
             # Off the start's critical path, and never for a group shorter than
             # a few clock ticks: which young children the host has, so close can
             # tell a re-parented orphan from them (see _reap_orphans).
@@ -387,7 +392,10 @@ class Group:
 
     def _note_host_children(self) -> None:
         if self._host_children is None and _platform.HAS_PROC and self._state < _State.CLOSING:
-            self._host_children = _reap.host_children(self._since, self._plan.token)
+            assert self._census is not None
+            self._host_children = _reap.host_children(
+                self._since, self._plan.token, self._census.full()
+            )
 
     def _on_exit(self, r: _Rank, returncode: int) -> None:
         """Called on the loop when rank ``r`` has exited and been reaped."""
@@ -449,7 +457,7 @@ class Group:
         try:
             # 1. Snapshot descendants first: once a rank dies its children are
             #    re-parented and parent links no longer lead to them.
-            table: Mapping[int, _watchdog.Stat] | None = _reap.snapshot()
+            table: Mapping[int, _watchdog.Stat] | None = self._table()
             unsure: set[int] = set()
             found = self._scan(table, unsure)
             killer.add(found)
@@ -505,7 +513,7 @@ class Group:
             killer.signal_all(signal.SIGKILL)
             killer.forget_untracked()
             await self._wait_dead(killer, use_deadline=False)
-            table = _reap.snapshot()
+            table = self._table()
             unsure: set[int] = set()
             if not killer.add(self._scan(table, unsure)) and not any(r.alive for r in self._ranks):
                 if not unsure:
@@ -517,12 +525,22 @@ class Group:
             _log.error("corral: processes of %s kept appearing after SIGKILL", self)
         return table
 
+    def _table(self) -> dict[int, _watchdog.Stat]:
+        """A ``/proc`` table holding every process that can belong to the group."""
+        if self._census is None:  # the start failed before any rank
+            return _reap.snapshot()
+        return self._census.take(self._since)
+
+    def _held_pids(self) -> list[int]:
+        """The unreaped ranks' pids: also their sessions' ids, valid while held."""
+        return [r.pid for r in self._ranks if r.pid is not None and r.held]
+
     def _scan(
         self,
         table: Mapping[int, _watchdog.Stat] | None = None,
         unsure: set[int] | None = None,
     ) -> list[_reap.Member]:
-        sessions = [r.pid for r in self._ranks if r.pid is not None and r.held]
+        sessions = self._held_pids()
         return _reap.scan(self._plan.token, sessions, self._since, sessions, table, unsure)
 
     async def _wait_dead(self, killer: _Killer, *, use_deadline: bool) -> None:
@@ -553,12 +571,14 @@ class Group:
 
     def _reap_orphans(self, killer: _Killer, table: Mapping[int, _watchdog.Stat] | None) -> None:
         """Reap the zombies of members re-parented to us (we are their subreaper)."""
-        sessions = [r.pid for r in self._ranks if r.pid is not None and r.held]
+        sessions = self._held_pids()
+        if table is None:
+            table = self._table()
         younger = None
         if self._host_children is None and sessions and _platform.HAS_PROC:
-            # The ranks are held (unreaped): their stat still gives their start
-            # tick, on the same clock as every other process's.
-            ticks = [st.starttime for pid in sessions if (st := _watchdog.read_stat(pid))]
+            # The ranks are held (unreaped): the table has their start tick,
+            # on the same clock as every other process's.
+            ticks = [st.starttime for pid in sessions if (st := table.get(pid))]
             younger = min(ticks) + 1 if ticks else None
         _reap.reap_zombie_children(
             killer.seen, sessions, self._since, table, host=self._host_children, younger=younger

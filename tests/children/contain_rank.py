@@ -6,7 +6,8 @@ as the working directory, or ``tests.children.contain_rank`` from the
 repository's root). The rank builds its shape (children,
 a setsid grandchild, ...), then writes one line to the FIFO (the handshake):
 ``RANK TOKEN PID [DESCENDANT_PID ...]``, and waits for its end: SIGUSR2 exits
-0, SIGUSR1 exits 1, anything else is up to the shape (SIGTERM ignored, ...).
+0, SIGUSR1 exits 1, anything else is up to the shape (SIGTERM ignored, a
+daemon started on SIGTERM, ...).
 """
 
 from __future__ import annotations
@@ -78,12 +79,16 @@ def run_shape(shape: str, fifo: str) -> None:
         pids.extend(_spawn_sleep() for _ in range(50))
     elif shape == "full_pipe":
         full_pipe = _fill_pipe()
+    elif shape == "fork_on_term":
+        pass  # see below: it starts its daemon only when SIGTERM comes
     elif shape != "plain":
         raise SystemExit(f"unknown shape {shape}")
     # Block the end signals before the handshake and take them with sigwait():
     # a Python handler plus pause() would miss a signal that lands between the
     # handshake and the pause() call (it would run only after pause() returns).
     ends = {signal.SIGUSR1, signal.SIGUSR2}
+    if shape == "fork_on_term":
+        ends.add(signal.SIGTERM)
     signal.pthread_sigmask(signal.SIG_BLOCK, ends)
     line = " ".join([os.environ["RANK"], os.environ["CORRAL_GROUP"], str(os.getpid())])
     line += "".join(f" {p}" for p in pids) + "\n"
@@ -97,8 +102,17 @@ def run_shape(shape: str, fifo: str) -> None:
 
 
 def _end_on(signals: set[signal.Signals]) -> None:
-    """Exit 1 on SIGUSR1, 0 on SIGUSR2 (blocked ``signals`` taken by sigwait)."""
-    os._exit(1 if signal.sigwait(signals) == signal.SIGUSR1 else 0)
+    """Exit 1 on SIGUSR1, 0 on SIGUSR2 (blocked ``signals`` taken by sigwait).
+
+    On SIGTERM (when it is among ``signals``: the ``fork_on_term`` shape), a
+    ``setsid()`` daemon is started first, then the rank exits 0: a process
+    born while the group closes, after the close's first look at ``/proc``.
+    """
+    sig = signal.sigwait(signals)
+    if sig == signal.SIGTERM:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+        _setsid_grandchild()
+    os._exit(1 if sig == signal.SIGUSR1 else 0)
 
 
 if __name__ == "__main__":
