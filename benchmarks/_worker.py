@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
 BENCH_DIR = str(Path(__file__).resolve().parent)
+#: Pause between "every peer is up" and the failure (see _trigger_fail).
+SETTLE = 0.05
 Samples = dict[str, list[float]]
 
 
@@ -61,9 +63,7 @@ def _argvs(spec: dict[str, Any], tmp: Path) -> list[list[str]]:
         ready = tmp / "ready"
         ready.mkdir(exist_ok=True)
         rank0 = [W.PY, "-c", W.FAIL_RANK0, str(tmp / "fifo"), str(tmp / "stamp")]
-        peer = (
-            [W.SH, "-c", W.IGNORE_TERM, "sh", str(ready)] if p["ignore_term"] else [W.SLEEP, "1000"]
-        )
+        peer = [W.SH, "-c", W.IGNORE_TERM if p["ignore_term"] else W.PEER, "sh", str(ready)]
         return [rank0] + [list(peer) for _ in range(n - 1)]
     if sc == "tee":
         return [[W.PY, "-c", W.WRITER, str(p["mib"])]]
@@ -85,12 +85,19 @@ def _tee_flag(spec: dict[str, Any]) -> bool:
     return sc in ("latency", "scale")
 
 
-def _trigger_fail(tmp: Path, n: int, ignore_term: bool) -> None:
-    """Wait for the peers to be ready, then release rank 0 (the open blocks until it reads)."""
-    if ignore_term:
-        ready = tmp / "ready"
-        while len(os.listdir(ready)) < n - 1:
-            time.sleep(0.001)
+def _trigger_fail(tmp: Path, n: int) -> None:
+    """Release rank 0 (the open blocks until it reads) once the group has settled.
+
+    The peers must all be up ("rank 0 exits while the others sleep"), then
+    the harness waits ``SETTLE`` more, the same for every implementation: what
+    is measured is the teardown of a running group, not start-up work still
+    in flight (corral's watchdog takes ~7 ms of CPU to start; on 2 cores,
+    failing before it is done adds up to ~3 ms to corral's teardown).
+    """
+    ready = tmp / "ready"
+    while len(os.listdir(ready)) < n - 1:
+        time.sleep(0.001)
+    time.sleep(SETTLE)
     with open(tmp / "fifo", "wb") as f:
         f.write(b"go")
 
@@ -129,7 +136,7 @@ async def _corral(spec: dict[str, Any], reps: int) -> Samples:
                 grace = p["grace"]
                 group = _fail_group(corral, argvs, logs, grace)
                 async with group:
-                    _trigger_fail(tmp, len(argvs), p["ignore_term"])
+                    _trigger_fail(tmp, len(argvs))
                     res = await group.wait()
                     t1 = time.clock_gettime(time.CLOCK_MONOTONIC)
                 assert 0 in res.failures, res
@@ -224,7 +231,7 @@ def run_torch(spec: dict[str, Any], reps: int) -> Samples:
                 # PContext.wait closes the others with close()'s default 30 s
                 # grace; give it the scenario's grace instead.
                 pc.close = functools.partial(close, timeout=grace)
-                _trigger_fail(tmp, n, p["ignore_term"])
+                _trigger_fail(tmp, n)
                 res = pc.wait(period=0.1)
                 t1 = time.clock_gettime(time.CLOCK_MONOTONIC)
                 _check(res is not None and 0 in res.failures, res)
@@ -270,7 +277,7 @@ def run_raw(spec: dict[str, Any], reps: int) -> Samples:
             elif sc == "fail":
                 os.mkfifo(tmp / "fifo")
                 g.start()
-                _trigger_fail(tmp, n, p["ignore_term"])
+                _trigger_fail(tmp, n)
                 codes = g.wait(grace=p["grace"])
                 t1 = time.clock_gettime(time.CLOCK_MONOTONIC)
                 assert codes[0] == 1, codes

@@ -21,9 +21,10 @@ FAIL_RANK0 = (
     "os._exit(1)\n"
 )
 
-#: A peer that ignores SIGTERM (the disposition survives exec), says it is
-#: ready by creating a file, and sleeps.
-IGNORE_TERM = "trap '' TERM; : > \"$1/$RANK\"; exec " + SLEEP + " 1000"
+#: A peer of the failure scenario: says it is ready by creating a file, and sleeps.
+PEER = ': > "$1/$RANK"; exec ' + SLEEP + " 1000"
+#: The same, ignoring SIGTERM (the disposition survives exec).
+IGNORE_TERM = "trap '' TERM; " + PEER
 
 #: Write MIB MiB of 100-byte lines to stdout.
 WRITER = (

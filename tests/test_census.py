@@ -1,7 +1,7 @@
-"""The ``/proc`` census: when the pid cursor lets close skip a full walk of ``/proc``.
+"""The ``/proc`` census: when the kernel's counters let close skip a full walk of ``/proc``.
 
-The rules are checked with a scripted cursor (the machine's real one moves
-whenever anything on it starts a process); the kernel fact they rest on, and
+The rules are checked with scripted counters (the machine's real ones move
+whenever anything on it starts a process); the kernel facts they rest on, and
 the fallback to full walks, with real processes.
 """
 
@@ -30,23 +30,45 @@ OLD = _watchdog.Stat(ppid=1, sid=1, starttime=SINCE - 5, zombie=False)
 
 
 class Machine:
-    """A scripted cursor and ``/proc``: counts every full walk and every stat read."""
+    """Scripted counters and ``/proc``: counts every full walk and every stat read.
+
+    ``start`` creates a process in this pid namespace (both counters move);
+    ``elsewhere`` one outside it (only the machine-wide fork count moves);
+    ``failed_fork`` a fork that failed after taking a pid (only the cursor).
+    """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.cursor = 100
+        self.forks = 5000
+        self.clock = 0.0
         self.procs: dict[int, _watchdog.Stat] = {1: OLD}
         self.walks = 0
         self.reads: list[int] = []
-        monkeypatch.setattr(_reap, "pid_cursor", lambda: self.cursor if _reap._CURSOR_OK else None)
+        monkeypatch.setattr(_reap, "counters", self._counters)
         monkeypatch.setattr(_reap, "_CURSOR_OK", True)
-        monkeypatch.setattr(_reap, "_CURSOR_WINDOW", 60.0)
+        monkeypatch.setattr(_reap, "_FORKS_OK", True)
+        monkeypatch.setattr(_reap, "_CURSOR_WINDOW", 0.08)
         monkeypatch.setattr(_reap, "snapshot", self._snapshot)
         monkeypatch.setattr(_watchdog, "read_stat", self._read_stat)
 
     def start(self, pid: int, st: _watchdog.Stat = YOUNG) -> int:
         self.cursor += 1
+        self.forks += 1
         self.procs[pid] = st
         return pid
+
+    def elsewhere(self) -> None:
+        self.forks += 1
+
+    def failed_fork(self) -> None:
+        self.cursor += 1
+
+    def _counters(self) -> _reap.Counters:
+        return _reap.Counters(
+            self.cursor if _reap._CURSOR_OK else None,
+            self.forks if _reap._FORKS_OK else None,
+            self.clock,
+        )
 
     def _snapshot(self) -> dict[int, _watchdog.Stat]:
         self.walks += 1
@@ -62,29 +84,47 @@ def machine(monkeypatch: pytest.MonkeyPatch) -> Machine:
     return Machine(monkeypatch)
 
 
-def test_only_the_groups_own_processes_means_no_walk(machine: Machine) -> None:
-    """The cursor moved by the group's own starts alone: no descendant exists, nothing is read."""
+def started_group(machine: Machine, *pids: int) -> _reap.Census:
     census = _reap.Census()
-    census.own(machine.start(101))
-    census.own(machine.start(102))
+    for pid in pids:
+        census.own(machine.start(pid))
     census.check()
+    return census
+
+
+def test_only_the_groups_own_processes_means_no_walk(machine: Machine) -> None:
+    """Nothing created but the group's own processes: no descendant exists, nothing is read."""
+    census = started_group(machine, 101, 102)
     assert census.take(SINCE) == {}
     assert (machine.walks, machine.reads) == (0, [])
 
 
 def test_any_other_start_means_a_full_walk(machine: Machine) -> None:
     """One more process than the group started (a rank's child, anything): a full walk."""
-    census = _reap.Census()
-    census.own(machine.start(101))
-    machine.start(102)  # a child of the rank, or a stranger: the cursor cannot tell
+    census = started_group(machine, 101)
+    machine.start(102)  # a child of the rank, or a stranger: the counters cannot tell
     assert census.take(SINCE) == {1: OLD, 101: YOUNG, 102: YOUNG}
     assert machine.walks == 1
 
 
-def test_unchanged_cursor_rereads_only_the_young(machine: Machine) -> None:
-    """Nothing started since the last table: its young processes are read again, no walk."""
-    census = _reap.Census()
-    census.own(machine.start(101))
+def test_either_counter_suffices(machine: Machine) -> None:
+    """Forks elsewhere on the machine (cursor still) or a failed fork here (fork count
+    still): each leaves one counter that proves nothing was created here."""
+    census = started_group(machine, 101)
+    machine.elsewhere()
+    assert census.take(SINCE) == {}
+    machine.failed_fork()
+    machine.elsewhere()
+    assert census.take(SINCE) == {1: OLD, 101: YOUNG}  # neither proves it now
+    assert machine.walks == 1
+    machine.failed_fork()
+    census.take(SINCE)  # the fork count has not moved since the last table
+    assert machine.walks == 1
+
+
+def test_nothing_new_rereads_only_the_young(machine: Machine) -> None:
+    """Nothing created since the last table: its young processes are read again, no walk."""
+    census = started_group(machine, 101)
     machine.start(102)
     census.take(SINCE)
     machine.procs[102] = _watchdog.Stat(ppid=1, sid=7, starttime=SINCE + 5, zombie=True)
@@ -97,8 +137,7 @@ def test_unchanged_cursor_rereads_only_the_young(machine: Machine) -> None:
 
 def test_a_start_after_the_last_table_means_a_full_walk(machine: Machine) -> None:
     """A process born between two tables (e.g. a rank forking on SIGTERM) forces a walk."""
-    census = _reap.Census()
-    census.own(machine.start(101))
+    census = started_group(machine, 101)
     machine.start(102)
     census.take(SINCE)
     machine.start(103)
@@ -106,46 +145,52 @@ def test_a_start_after_the_last_table_means_a_full_walk(machine: Machine) -> Non
     assert machine.walks == 2
 
 
-def test_the_cursor_is_trusted_only_within_its_window(
-    machine: Machine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Past the window a lap of the pid space cannot be ruled out: always a full walk."""
-    monkeypatch.setattr(_reap, "_CURSOR_WINDOW", 0.0)
-    census = _reap.Census()
-    census.own(machine.start(101))
+def test_the_cursor_is_trusted_only_within_its_window(machine: Machine) -> None:
+    """Past the window a lap of the pid space cannot be ruled out by the cursor alone."""
+    census = started_group(machine, 101)
+    machine.start(102)
     census.take(SINCE)
-    census.take(SINCE)
+    machine.clock += 0.5
+    census.take(SINCE)  # the exact fork count still proves it
+    assert machine.walks == 1
+    machine.elsewhere()
+    machine.clock += 0.5
+    census.take(SINCE)  # only the cursor is still, but for too long
     assert machine.walks == 2
 
 
-def test_a_lagging_cursor_turns_the_census_off(machine: Machine) -> None:
-    """A cursor that did not count the group's own starts (a sandbox) is never used again."""
+def test_a_lagging_counter_is_turned_off(machine: Machine) -> None:
+    """A counter that missed the group's own starts (a sandbox) is never used again."""
     census = _reap.Census()
-    census.own(101)  # started, but the cursor did not move
+    census.own(101)  # started, but neither counter moved
     census.check()
-    assert _reap._CURSOR_OK is False
+    assert (_reap._CURSOR_OK, _reap._FORKS_OK) == (False, False)
     census.take(SINCE)
     assert machine.walks == 1
 
 
-def test_the_kernel_cursor_counts_every_start() -> None:
-    """The fact the census rests on: each process started moves /proc/loadavg's cursor."""
-    before = _reap.pid_cursor()
-    if before is None:
-        pytest.skip("no usable pid cursor here: the census always walks /proc")
+def test_the_kernel_counters_count_every_start() -> None:
+    """The facts the census rests on: each process started moves both counters."""
+    before = _reap.counters()
+    if before.cursor is None and before.forks is None:
+        pytest.skip("no usable counters here: the census always walks /proc")
     procs = [subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(3)]
     for p in procs:
         p.wait()
-    after = _reap.pid_cursor()
-    assert after is not None
-    assert after - before >= 3 or after < before  # (or the pid space wrapped)
-    assert procs[-1].pid <= after or after < before
+    after = _reap.counters()
+    if before.forks is not None:
+        assert after.forks is not None
+        assert after.forks - before.forks >= 3
+    if before.cursor is not None:
+        assert after.cursor is not None
+        assert after.cursor - before.cursor >= 3 or after.cursor < before.cursor  # (a wrap)
+        assert procs[-1].pid <= after.cursor or after.cursor < before.cursor
 
 
 @pytest.mark.parametrize("shape", ["setsid", "fork_on_term"])
 async def test_full_walks_alone_still_contain(
     shape: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without the cursor (full walks every time), descendants are found and ended all the same."""
-    monkeypatch.setattr(_reap, "_CURSOR_OK", False)
+    """Without the counters (a full walk every time), descendants are found and ended the same."""
+    monkeypatch.setattr(_reap, "_COUNTERS_OK", False)
     await _end_in_process("command", "close", shape, tmp_path)

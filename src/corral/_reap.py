@@ -43,11 +43,12 @@ if TYPE_CHECKING:
 
 __all__ = (
     "Census",
+    "Counters",
     "Member",
     "Watchdog",
     "boot_ticks_now",
+    "counters",
     "open_member",
-    "pid_cursor",
     "reap_member",
     "reap_zombie_children",
     "scan",
@@ -81,6 +82,14 @@ def boot_ticks_now() -> int:
 _OWN_CHILDREN: set[int] = set()
 #: Niceness of a watchdog (it runs only while the supervisor is alive and idle).
 _WATCHDOG_NICE: Final = 10
+#: The watchdog program: ``_watchdog`` imported as a top-level module from its
+#: folder (after the standard library's), so its cached bytecode is used; run
+#: by path, the script would be compiled again at every start (+25% CPU).
+_WATCHDOG_FOLDER: Final = os.path.dirname(os.path.abspath(_watchdog.__file__))
+_WATCHDOG_MAIN: Final = (
+    f"import sys; sys.path.append({_WATCHDOG_FOLDER!r}); import _watchdog; "
+    "sys.exit(_watchdog.main(sys.argv))"
+)
 
 
 def register_own(pid: int) -> None:
@@ -134,16 +143,30 @@ def snapshot() -> dict[int, _watchdog.Stat]:
     return _watchdog.proc_table(skip=(os.getpid(),))
 
 
-def pid_cursor() -> int | None:
-    """The last pid the kernel allocated in this pid namespace, or None where unknown.
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """Two kernel counters of process creation, read together (see :class:`Census`)."""
 
-    The fifth field of ``/proc/loadavg``. The kernel hands out pids in
-    increasing order from this cursor (wrapping at ``pid_max``), to every new
-    process *and* thread, whether or not the fork then succeeds: an unchanged
-    cursor means no process was created.
-    """
-    if not _cursor_usable():
-        return None
+    #: The last pid allocated in this pid namespace (``/proc/loadavg``): every
+    #: new process or thread moves it, even when the fork then fails.
+    cursor: int | None
+    #: Successful forks since boot, machine-wide (``processes`` in ``/proc/stat``).
+    forks: int | None
+    #: ``time.monotonic()`` when they were read.
+    at: float
+
+
+def counters() -> Counters:
+    """Read the counters now (``None`` fields where they cannot be trusted)."""
+    at = time.monotonic()
+    if not _counters_usable():
+        return Counters(None, None, at)
+    return Counters(
+        _read_cursor() if _CURSOR_OK else None, _read_forks() if _FORKS_OK else None, at
+    )
+
+
+def _read_cursor() -> int | None:
     try:
         fd = os.open("/proc/loadavg", os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -155,6 +178,28 @@ def pid_cursor() -> int | None:
         return None
 
 
+def _read_forks() -> int | None:
+    # The line comes after the per-CPU and interrupt lines: a few KiB on a
+    # small machine, more on a big one. Read in chunks until it is complete.
+    try:
+        fd = os.open("/proc/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = b""
+        while chunk := os.read(fd, 16384):
+            data += chunk
+            start = data.find(b"\nprocesses ")
+            end = data.find(b"\n", start + 1) if start >= 0 else -1
+            if end >= 0:
+                return int(data[start + 11 : end])
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(fd)
+    return None
+
+
 def _cursor_window() -> float:
     """How long an unchanged cursor is trusted to mean "no new process" (seconds).
 
@@ -162,7 +207,7 @@ def _cursor_window() -> float:
     the pid space: ``pid_max`` allocations. No machine allocates more than
     about 200 000 pids per second per CPU (a fork costs microseconds even
     when it fails), so a lap takes at least this long; within it, equality
-    is proof. Past it, a full walk is taken instead.
+    is proof.
     """
     try:
         with open("/proc/sys/kernel/pid_max", "rb") as f:
@@ -172,10 +217,10 @@ def _cursor_window() -> float:
     return min(1.0, max(0, pid_max - 300) / ((os.cpu_count() or 1) * 200_000))
 
 
-def _cursor_usable() -> bool:
-    """Probe once (lazily: not at import) whether the pid cursor can be trusted."""
-    global _CURSOR_OK, _CURSOR_WINDOW
-    if _CURSOR_OK is None:
+def _counters_usable() -> bool:
+    """Probe once (lazily: not at import) whether the counters mean what they should."""
+    global _COUNTERS_OK, _CURSOR_WINDOW
+    if _COUNTERS_OK is None:
         # /proc must show this process's own pid namespace, or its pids (and
         # the cursor's) mean something else.
         try:
@@ -183,58 +228,83 @@ def _cursor_usable() -> bool:
         except OSError:
             same_ns = False
         _CURSOR_WINDOW = _cursor_window() if same_ns else 0.0
-        _CURSOR_OK = same_ns and _CURSOR_WINDOW > 0
-    return _CURSOR_OK
+        _COUNTERS_OK = same_ns
+    return _COUNTERS_OK
 
 
-#: ``/proc/loadavg``'s pid cursor is usable; None until probed. Turned off for
-#: good if it ever lags behind the processes this process itself started.
-_CURSOR_OK: bool | None = None
+#: ``/proc`` shows this process's pid namespace; None until probed.
+_COUNTERS_OK: bool | None = None
+#: Each counter is turned off for good if it ever misses processes this
+#: process itself started (as it could under some sandboxes).
+_CURSOR_OK = True
+_FORKS_OK = True
 _CURSOR_WINDOW = 0.0
+
+
+def _nothing_created(before: Counters, now: Counters, own: int = 0) -> bool:
+    """True when no process but ``own`` ones of ours was created between two readings.
+
+    The fork count is exact (it only grows) but counts the whole machine; the
+    cursor counts only this pid namespace but is trusted only within
+    :data:`_CURSOR_WINDOW`.
+    """
+    if before.forks is not None and now.forks is not None and now.forks - before.forks == own:
+        return True
+    return (
+        before.cursor is not None
+        and now.cursor is not None
+        and now.cursor - before.cursor == own
+        and now.at - before.at <= _CURSOR_WINDOW
+    )
 
 
 class Census:
     """The ``/proc`` tables of one group, walking no more of ``/proc`` than it must.
 
-    Every membership rule concerns only descendants of the ranks, and each
-    of them got its pid after the group's start, in cursor order
-    (:func:`pid_cursor`). So a full walk of ``/proc`` (one read per process
-    on the machine, about 1 ms per 100) is skipped when the cursor proves it
-    useless:
+    Every membership rule concerns only descendants of the ranks, created
+    after the group started. Two kernel counters (:class:`Counters`) tell
+    whether any such process can exist, so a full walk of ``/proc`` (one read
+    per process on the machine, about 1 ms per 100) is skipped when they
+    prove it useless:
 
-    * the cursor moved by exactly the processes the group itself started
-      (:meth:`own`) since just before the first of them: the ranks have no
-      descendant at all; the table is empty, nothing is read;
-    * the cursor has not moved since the last table was taken: nothing new
-      exists; the young processes of that table are read again.
+    * since just before the first rank, nothing was created but the group's
+      own processes (:meth:`own`): the ranks have no descendant at all; the
+      table is empty, nothing is read;
+    * nothing was created since the last table: the young processes of that
+      table are read again.
 
-    Otherwise, or once :data:`_CURSOR_WINDOW` has passed, it walks all of
-    ``/proc``. A table always holds every descendant of the ranks, and the
-    ranks too unless they have none; only :meth:`full` also holds older
-    processes (what the host's own young children are noted from).
+    Otherwise it walks all of ``/proc``. A table always holds every
+    descendant of the ranks, and the ranks too unless they have none; only
+    :meth:`full` also holds older processes (what the host's own young
+    children are noted from).
     """
 
     def __init__(self) -> None:
-        self._start = pid_cursor()
-        self._start_at = time.monotonic()
+        self._start = counters()
         self._own: list[int] = []
         self._last: dict[int, _watchdog.Stat] | None = None
-        self._last_cursor: int | None = None
-        self._last_at = 0.0
+        self._last_counters = self._start
 
     def own(self, pid: int) -> None:
         """Count a process the group started (a rank or its watchdog)."""
         self._own.append(pid)
 
     def check(self) -> None:
-        """After the start: the cursor must have counted the group's own processes."""
-        global _CURSOR_OK
-        now = pid_cursor()
-        if self._start is None or now is None or not self._own:
-            return
-        if now >= self._start and now - self._start < len(self._own):
+        """After the start: each counter must have counted the group's own processes."""
+        global _CURSOR_OK, _FORKS_OK
+        now = counters()
+        own = len(self._own)
+        before = self._start
+        if (
+            before.cursor is not None
+            and now.cursor is not None
+            and before.cursor <= now.cursor < before.cursor + own
+        ):
             _CURSOR_OK = False
-            _log.debug("corral: /proc/loadavg's pid cursor lags: full /proc walks from now on")
+            _log.debug("corral: /proc/loadavg's pid cursor lags behind: not used")
+        if before.forks is not None and now.forks is not None and now.forks - before.forks < own:
+            _FORKS_OK = False
+            _log.debug("corral: /proc/stat's fork count lags behind: not used")
 
     def take(self, since: int) -> dict[int, _watchdog.Stat]:
         """A table of every descendant of the group's ranks (see the class docstring).
@@ -244,34 +314,22 @@ class Census:
         """
         if not _platform.HAS_PROC:
             return {}
-        at = time.monotonic()
-        cursor = pid_cursor()  # before any read: a process created later moves it
-        if cursor is not None:
-            if (
-                self._last is not None
-                and cursor == self._last_cursor
-                and at - self._last_at <= _CURSOR_WINDOW
-            ):
-                young = [pid for pid, st in self._last.items() if st.starttime >= since]
-                return self._keep(_read_stats(young), cursor, at)
-            if (
-                self._start is not None
-                and cursor - self._start == len(self._own)
-                and at - self._start_at <= _CURSOR_WINDOW
-            ):
-                return self._keep({}, cursor, at)
-        return self._keep(snapshot(), cursor, at)
+        now = counters()  # before any read: a process created later moves them
+        last = self._last
+        if last is not None and _nothing_created(self._last_counters, now):
+            young = [pid for pid, st in last.items() if st.starttime >= since]
+            return self._keep(_read_stats(young), now)
+        if _nothing_created(self._start, now, own=len(self._own)):
+            return self._keep({}, now)
+        return self._keep(snapshot(), now)
 
     def full(self) -> dict[int, _watchdog.Stat]:
         """Every process but this one: a full walk (also the base of later tables)."""
-        at = time.monotonic()
-        cursor = pid_cursor()
-        return self._keep(snapshot(), cursor, at)
+        now = counters()
+        return self._keep(snapshot(), now)
 
-    def _keep(
-        self, table: dict[int, _watchdog.Stat], cursor: int | None, at: float
-    ) -> dict[int, _watchdog.Stat]:
-        self._last, self._last_cursor, self._last_at = table, cursor, at
+    def _keep(self, table: dict[int, _watchdog.Stat], now: Counters) -> dict[int, _watchdog.Stat]:
+        self._last, self._last_counters = table, now
         return table
 
 
@@ -495,7 +553,8 @@ class Watchdog:
                     sys.executable,
                     "-I",
                     "-S",
-                    _watchdog.__file__,
+                    "-c",
+                    _WATCHDOG_MAIN,
                     str(os.getpid()),
                     token,
                     str(since),
