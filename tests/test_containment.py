@@ -415,6 +415,30 @@ def test_loop_in_a_non_main_thread(tmp_path: Path) -> None:
     assert left == []
 
 
+def test_watchdog_starts_at_low_priority_through_nice() -> None:
+    """The watchdog is started through nice(1): its interpreter starts at niceness +10."""
+    prefix = _reap._nice_prefix()
+    if not prefix:
+        pytest.skip("no nice(1) on this machine (the fallback is tested below)")
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    out = subprocess.run(
+        [*prefix, sys.executable, "-I", "-S", "-c", "import os; print(os.getpriority(0, 0))"],
+        capture_output=True,
+        check=True,
+    )
+    assert int(out.stdout) == min(19, mine + 10)
+
+
+async def test_watchdog_is_lowered_without_nice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without nice(1), the watchdog is lowered to niceness +10 right after it starts."""
+    monkeypatch.setattr(_reap, "_NICE", [])
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    async with corral.spawn(python("pass"), nprocs=1) as group:
+        assert group._watchdog is not None
+        assert os.getpriority(os.PRIO_PROCESS, group._watchdog.pid) == min(19, mine + 10)
+        await group.wait()
+
+
 async def test_watchdog_kills_the_group_of_an_abandoned_pipe(tmp_path: Path) -> None:
     """The watchdog ends the group when its pipe closes (what ``Group.__del__`` relies on).
 
