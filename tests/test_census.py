@@ -135,6 +135,16 @@ def test_nothing_new_rereads_only_the_young(machine: Machine) -> None:
     assert table == {102: machine.procs[102]}
 
 
+def test_nothing_new_after_a_table_of_only_our_own_reads_nothing(machine: Machine) -> None:
+    """A walk that found no young process but the group's own, nothing created since: no read."""
+    census = started_group(machine, 101)
+    machine.failed_fork()
+    machine.elsewhere()
+    assert census.take(SINCE) == {1: OLD, 101: YOUNG}  # a full walk: nothing proven
+    assert census.take(SINCE) == {}
+    assert (machine.walks, machine.reads) == (1, [])
+
+
 def test_a_start_after_the_last_table_means_a_full_walk(machine: Machine) -> None:
     """A process born between two tables (e.g. a rank forking on SIGTERM) forces a walk."""
     census = started_group(machine, 101)

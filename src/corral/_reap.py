@@ -295,7 +295,7 @@ class Census:
       own processes (:meth:`own`): the ranks have no descendant at all; the
       table is empty, nothing is read;
     * nothing was created since the last table: the young processes of that
-      table are read again.
+      table are read again (none at all if they were only the group's own).
 
     Otherwise it walks all of ``/proc``. A table always holds every
     descendant of the ranks, and the ranks too unless they have none; only
@@ -305,13 +305,13 @@ class Census:
 
     def __init__(self) -> None:
         self._start = counters()
-        self._own: list[int] = []
+        self._own: set[int] = set()
         self._last: dict[int, _watchdog.Stat] | None = None
         self._last_counters = self._start
 
     def own(self, pid: int) -> None:
         """Count a process the group started (a rank or its watchdog)."""
-        self._own.append(pid)
+        self._own.add(pid)
 
     def check(self) -> None:
         """After the start: each counter must have counted the group's own processes."""
@@ -342,6 +342,8 @@ class Census:
         last = self._last
         if last is not None and _nothing_created(self._last_counters, now):
             young = [pid for pid, st in last.items() if st.starttime >= since]
+            if self._own.issuperset(young):  # no descendant then, none created since
+                return self._keep({}, now)
             return self._keep(_read_stats(young), now)
         if _nothing_created(self._start, now, own=len(self._own)):
             return self._keep({}, now)
