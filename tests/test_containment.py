@@ -439,6 +439,21 @@ async def test_watchdog_is_lowered_without_nice(monkeypatch: pytest.MonkeyPatch)
         await group.wait()
 
 
+async def test_watchdog_starts_without_a_broken_nice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A nice(1) that cannot run does not cost the group its watchdog."""
+    broken = tmp_path / "nice"
+    broken.write_text("not a program")  # and not executable
+    monkeypatch.setattr(_reap, "_NICE", [str(broken), "-n", "10"])
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    async with corral.spawn(python("pass"), nprocs=1) as group:
+        assert group._watchdog is not None
+        assert _reap._NICE == []
+        assert os.getpriority(os.PRIO_PROCESS, group._watchdog.pid) == min(19, mine + 10)
+        await group.wait()
+
+
 async def test_watchdog_kills_the_group_of_an_abandoned_pipe(tmp_path: Path) -> None:
     """The watchdog ends the group when its pipe closes (what ``Group.__del__`` relies on).
 

@@ -106,6 +106,26 @@ def _nice_prefix() -> list[str]:
     return _NICE
 
 
+def _spawn_watchdog(program: list[str], stdin: int) -> subprocess.Popen[bytes]:
+    """Start ``program`` through nice(1), or without it if nice(1) cannot run here."""
+    global _NICE
+    while True:
+        prefix = _nice_prefix()
+        try:
+            return subprocess.Popen(
+                [*prefix, *program],
+                stdin=stdin,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                close_fds=True,
+                start_new_session=True,
+            )
+        except OSError:
+            if not prefix:
+                raise
+            _NICE = []  # e.g. not executable here: never try it again
+
+
 #: The watchdog program: ``_watchdog`` imported as a top-level module from its
 #: folder (after the standard library's), so its cached bytecode is used; run
 #: by path, the script would be compiled again at every start (+25% CPU).
@@ -572,26 +592,11 @@ class Watchdog:
         """
         if not (_platform.HAS_PROC and _platform.HAS_PIDFD) or not sys.executable:
             return None
+        program = [sys.executable, "-I", "-S", "-c", _WATCHDOG_MAIN]
+        program += [str(os.getpid()), token, str(since)]
         read_end, write_end = os.pipe()
         try:
-            popen = subprocess.Popen(
-                [
-                    *_nice_prefix(),
-                    sys.executable,
-                    "-I",
-                    "-S",
-                    "-c",
-                    _WATCHDOG_MAIN,
-                    str(os.getpid()),
-                    token,
-                    str(since),
-                ],
-                stdin=read_end,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                close_fds=True,
-                start_new_session=True,
-            )
+            popen = _spawn_watchdog(program, read_end)
         except OSError as exc:
             os.close(write_end)
             _log.warning(
