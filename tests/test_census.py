@@ -32,8 +32,10 @@ OLD = _watchdog.Stat(ppid=1, sid=1, starttime=SINCE - 5, zombie=False)
 class Machine:
     """Scripted counters and ``/proc``: counts every full walk and every stat read.
 
-    ``start`` creates a process in this pid namespace (both counters move);
-    ``elsewhere`` one outside it (only the machine-wide fork count moves);
+    ``start`` creates a process here (both counters move, the process shows);
+    ``begin_fork`` only starts one (its pid taken: the cursor moves) and
+    ``end_fork`` makes it visible (the fork count moves); ``elsewhere`` is a
+    process outside this pid namespace (only the fork count moves);
     ``failed_fork`` a fork that failed after taking a pid (only the cursor).
     """
 
@@ -47,15 +49,21 @@ class Machine:
         monkeypatch.setattr(_reap, "counters", self._counters)
         monkeypatch.setattr(_reap, "_CURSOR_OK", True)
         monkeypatch.setattr(_reap, "_FORKS_OK", True)
-        monkeypatch.setattr(_reap, "_CURSOR_WINDOW", 0.08)
+        monkeypatch.setattr(_reap, "_PID_MAX", 32768)  # 2 CPUs or more: a window of ms
         monkeypatch.setattr(_reap, "snapshot", self._snapshot)
         monkeypatch.setattr(_watchdog, "read_stat", self._read_stat)
 
     def start(self, pid: int, st: _watchdog.Stat = YOUNG) -> int:
+        self.begin_fork()
+        self.end_fork(pid, st)
+        return pid
+
+    def begin_fork(self) -> None:
         self.cursor += 1
+
+    def end_fork(self, pid: int, st: _watchdog.Stat = YOUNG) -> None:
         self.forks += 1
         self.procs[pid] = st
-        return pid
 
     def elsewhere(self) -> None:
         self.forks += 1
@@ -64,9 +72,11 @@ class Machine:
         self.cursor += 1
 
     def _counters(self) -> _reap.Counters:
+        cursor_ok, forks_ok = _reap._CURSOR_OK, _reap._FORKS_OK
         return _reap.Counters(
-            self.cursor if _reap._CURSOR_OK else None,
-            self.forks if _reap._FORKS_OK else None,
+            self.cursor if cursor_ok else None,
+            len(self.procs) if cursor_ok else None,
+            self.forks if forks_ok else None,
             self.clock,
         )
 
@@ -92,41 +102,50 @@ def started_group(machine: Machine, *pids: int) -> _reap.Census:
     return census
 
 
-def test_only_the_groups_own_processes_means_no_walk(machine: Machine) -> None:
-    """Nothing created but the group's own processes: no descendant exists, nothing is read."""
+def test_only_the_groups_own_pids_means_no_walk(machine: Machine) -> None:
+    """No pid allocated here but the group's own: no descendant exists, nothing is read."""
     census = started_group(machine, 101, 102)
+    machine.elsewhere()  # another pid namespace's fork: not ours
     assert census.take(SINCE) == {}
     assert (machine.walks, machine.reads) == (0, [])
 
 
-def test_any_other_start_means_a_full_walk(machine: Machine) -> None:
-    """One more process than the group started (a rank's child, anything): a full walk."""
+def test_any_other_pid_means_a_full_walk(machine: Machine) -> None:
+    """One more pid than the group's own (a rank's child, a stranger, a failed fork): a walk."""
     census = started_group(machine, 101)
-    machine.start(102)  # a child of the rank, or a stranger: the counters cannot tell
-    assert census.take(SINCE) == {1: OLD, 101: YOUNG, 102: YOUNG}
+    machine.failed_fork()
+    assert census.take(SINCE) == {1: OLD, 101: YOUNG}
     assert machine.walks == 1
 
 
-def test_either_counter_suffices(machine: Machine) -> None:
-    """Forks elsewhere on the machine (cursor still) or a failed fork here (fork count
-    still): each leaves one counter that proves nothing was created here."""
+def test_a_fork_in_flight_at_the_first_table_is_not_lost(machine: Machine) -> None:
+    """A rank's fork that has its pid but is not visible yet: the cursor already says so."""
     census = started_group(machine, 101)
-    machine.elsewhere()
-    assert census.take(SINCE) == {}
-    machine.failed_fork()
-    machine.elsewhere()
-    assert census.take(SINCE) == {1: OLD, 101: YOUNG}  # neither proves it now
-    assert machine.walks == 1
-    machine.failed_fork()
-    census.take(SINCE)  # the fork count has not moved since the last table
-    assert machine.walks == 1
+    machine.begin_fork()  # pid 102 allocated, the fork still in flight
+    assert census.take(SINCE) == {1: OLD, 101: YOUNG}  # a full walk, not "no descendant"
+    machine.end_fork(102)
+    assert 102 in census.take(SINCE)  # the fork count moved: a walk again
+    assert machine.walks == 2
 
 
-def test_nothing_new_rereads_only_the_young(machine: Machine) -> None:
-    """Nothing created since the last table: its young processes are read again, no walk."""
+def test_a_fork_straddling_a_walk_is_not_lost(machine: Machine) -> None:
+    """alloc_pid() moves the cursor before the process shows and is counted: a walk
+    between the two cannot see it, and the next table must not trust the still cursor."""
+    census = started_group(machine, 101)
+    machine.start(102)  # a descendant: the next table is a full walk
+    machine.begin_fork()  # pid 103 allocated, its fork still in flight
+    assert 103 not in census.take(SINCE)
+    machine.end_fork(103)  # visible, counted
+    assert 103 in census.take(SINCE)
+    assert machine.walks == 2
+
+
+def test_nothing_visible_since_the_last_table_rereads_only_the_young(machine: Machine) -> None:
+    """No task became visible since the last table: its young processes are read again."""
     census = started_group(machine, 101)
     machine.start(102)
     census.take(SINCE)
+    machine.failed_fork()  # moves the cursor, creates nothing
     machine.procs[102] = _watchdog.Stat(ppid=1, sid=7, starttime=SINCE + 5, zombie=True)
     del machine.procs[101]
     table = census.take(SINCE)
@@ -139,7 +158,6 @@ def test_nothing_new_after_a_table_of_only_our_own_reads_nothing(machine: Machin
     """A walk that found no young process but the group's own, nothing created since: no read."""
     census = started_group(machine, 101)
     machine.failed_fork()
-    machine.elsewhere()
     assert census.take(SINCE) == {1: OLD, 101: YOUNG}  # a full walk: nothing proven
     assert census.take(SINCE) == {}
     assert (machine.walks, machine.reads) == (1, [])
@@ -156,17 +174,20 @@ def test_a_start_after_the_last_table_means_a_full_walk(machine: Machine) -> Non
 
 
 def test_the_cursor_is_trusted_only_within_its_window(machine: Machine) -> None:
-    """Past the window a lap of the pid space cannot be ruled out by the cursor alone."""
+    """Past the time a lap of the free pids takes, the cursor proves nothing."""
     census = started_group(machine, 101)
-    machine.start(102)
+    machine.clock += 1.0
     census.take(SINCE)
-    machine.clock += 0.5
-    census.take(SINCE)  # the exact fork count still proves it
     assert machine.walks == 1
-    machine.elsewhere()
-    machine.clock += 0.5
-    census.take(SINCE)  # only the cursor is still, but for too long
-    assert machine.walks == 2
+
+
+def test_a_cursor_behind_our_own_pids_is_not_trusted(machine: Machine) -> None:
+    """A cursor that never counted the group's own pids (a stale copy) proves nothing."""
+    census = _reap.Census()
+    census.own(machine.start(5000))  # a pid above the cursor it was given
+    assert machine.cursor < 5000
+    census.take(SINCE)
+    assert machine.walks == 1
 
 
 def test_a_lagging_counter_is_turned_off(machine: Machine) -> None:
@@ -177,6 +198,19 @@ def test_a_lagging_counter_is_turned_off(machine: Machine) -> None:
     assert (_reap._CURSOR_OK, _reap._FORKS_OK) == (False, False)
     census.take(SINCE)
     assert machine.walks == 1
+
+
+def test_counters_mounted_over_are_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A /proc/loadavg that is not the kernel's (LXCFS mounts its own) is never read."""
+    monkeypatch.setattr(_reap, "_COUNTERS_OK", None)
+    monkeypatch.setattr(_reap, "_CURSOR_OK", True)
+    monkeypatch.setattr(_reap, "_FORKS_OK", True)
+    monkeypatch.setattr(_reap, "_PID_MAX", None)
+    monkeypatch.setattr(_reap, "_mounted_over", lambda: {"/proc/loadavg", "/sys"})
+    now = _reap.counters()
+    assert (_reap._CURSOR_OK, _reap._FORKS_OK) == (False, True)
+    assert now.cursor is None
+    assert now.forks is not None
 
 
 def test_the_kernel_counters_count_every_start() -> None:

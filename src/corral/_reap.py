@@ -191,10 +191,15 @@ def snapshot() -> dict[int, _watchdog.Stat]:
 class Counters:
     """Two kernel counters of process creation, read together (see :class:`Census`)."""
 
-    #: The last pid allocated in this pid namespace (``/proc/loadavg``): every
-    #: new process or thread moves it, even when the fork then fails.
+    #: The last pid allocated in this pid namespace (``/proc/loadavg``'s last
+    #: field): ``alloc_pid()`` moves it for every new process or thread, at
+    #: the very start of the fork, even one that then fails.
     cursor: int | None
-    #: Successful forks since boot, machine-wide (``processes`` in ``/proc/stat``).
+    #: The tasks that exist now (``/proc/loadavg``'s fourth field, after the /).
+    tasks: int | None
+    #: Successful forks since boot, machine-wide (``processes`` in
+    #: ``/proc/stat``): counted at the very end of a fork, in the same critical
+    #: section that makes the new task visible in ``/proc``.
     forks: int | None
     #: ``time.monotonic()`` when they were read.
     at: float
@@ -204,22 +209,24 @@ def counters() -> Counters:
     """Read the counters now (``None`` fields where they cannot be trusted)."""
     at = time.monotonic()
     if not _counters_usable():
-        return Counters(None, None, at)
-    return Counters(
-        _read_cursor() if _CURSOR_OK else None, _read_forks() if _FORKS_OK else None, at
-    )
+        return Counters(None, None, None, at)
+    cursor = tasks = None
+    if _CURSOR_OK:
+        cursor, tasks = _read_loadavg()
+    return Counters(cursor, tasks, _read_forks() if _FORKS_OK else None, at)
 
 
-def _read_cursor() -> int | None:
+def _read_loadavg() -> tuple[int | None, int | None]:
+    """``/proc/loadavg``: ``(last pid allocated, tasks)``, e.g. ``0.39 0.51 0.63 1/73 12345``."""
     try:
         fd = os.open("/proc/loadavg", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            data = os.read(fd, 256)
+            fields = os.read(fd, 256).split()
         finally:
             os.close(fd)
-        return int(data.rsplit(None, 1)[-1])
+        return int(fields[4]), int(fields[3].partition(b"/")[2])
     except (OSError, ValueError, IndexError):
-        return None
+        return None, None
 
 
 def _read_forks() -> int | None:
@@ -244,26 +251,46 @@ def _read_forks() -> int | None:
     return None
 
 
-def _cursor_window() -> float:
-    """How long an unchanged cursor is trusted to mean "no new process" (seconds).
+#: An upper bound on pid allocations per second per CPU, failed forks included
+#: (about 170 000 were measured on one vCPU with a fork failing on a pids
+#: cgroup limit, the cheapest kind): with a 3x margin.
+_ALLOCS_PER_CPU_S: Final = 500_000
 
-    The cursor could come back to the same value only after a full lap of
-    the pid space: ``pid_max`` allocations. No machine allocates more than
-    about 200 000 pids per second per CPU (a fork costs microseconds even
-    when it fails), so a lap takes at least this long; within it, equality
-    is proof.
+
+def _cursor_window(tasks: int) -> float:
+    """How long an unchanged cursor span is proof that nothing else allocated a pid (seconds).
+
+    The cursor could come back to an expected value only after a full lap of
+    the free pids (``pid_max`` - 300 reserved - the ``tasks`` holding one),
+    which takes at least this long at :data:`_ALLOCS_PER_CPU_S`.
     """
+    if _PID_MAX is None:
+        return 0.0
+    free = _PID_MAX - 300 - tasks
+    return min(1.0, max(0, free) / ((os.cpu_count() or 1) * _ALLOCS_PER_CPU_S))
+
+
+def _read_pid_max() -> int | None:
     try:
         with open("/proc/sys/kernel/pid_max", "rb") as f:
-            pid_max = int(f.read())
+            return int(f.read())
     except (OSError, ValueError):
-        return 0.0
-    return min(1.0, max(0, pid_max - 300) / ((os.cpu_count() or 1) * 200_000))
+        return None
+
+
+def _mounted_over() -> set[str]:
+    """Files of ``/proc`` that something mounted over (LXCFS's virtualised ``loadavg``...)."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            points = {line.split()[4] for line in f if len(line.split()) > 4}
+    except OSError:
+        return set()
+    return {p.decode(errors="replace") for p in points}
 
 
 def _counters_usable() -> bool:
     """Probe once (lazily: not at import) whether the counters mean what they should."""
-    global _COUNTERS_OK, _CURSOR_WINDOW
+    global _COUNTERS_OK, _CURSOR_OK, _FORKS_OK, _PID_MAX
     if _COUNTERS_OK is None:
         # /proc must show this process's own pid namespace, or its pids (and
         # the cursor's) mean something else.
@@ -271,34 +298,52 @@ def _counters_usable() -> bool:
             same_ns = _platform.HAS_PROC and os.readlink("/proc/self") == str(os.getpid())
         except OSError:
             same_ns = False
-        _CURSOR_WINDOW = _cursor_window() if same_ns else 0.0
+        if same_ns:
+            # A file mounted over the kernel's (LXCFS serves a loadavg of its
+            # own, refreshed every few seconds) is not the kernel's counter.
+            over = _mounted_over()
+            _CURSOR_OK = _CURSOR_OK and "/proc/loadavg" not in over
+            _FORKS_OK = _FORKS_OK and "/proc/stat" not in over
+            _PID_MAX = _read_pid_max()
         _COUNTERS_OK = same_ns
     return _COUNTERS_OK
 
 
 #: ``/proc`` shows this process's pid namespace; None until probed.
 _COUNTERS_OK: bool | None = None
-#: Each counter is turned off for good if it ever misses processes this
-#: process itself started (as it could under some sandboxes).
+#: Each counter is turned off for good if it is not the kernel's own or if it
+#: ever misses processes this process itself started (some sandboxes).
 _CURSOR_OK = True
 _FORKS_OK = True
-_CURSOR_WINDOW = 0.0
+_PID_MAX: int | None = None
 
 
-def _nothing_created(before: Counters, now: Counters, own: int = 0) -> bool:
-    """True when no process but ``own`` ones of ours was created between two readings.
+def _nothing_new(before: Counters, now: Counters) -> bool:
+    """True when no task became visible in ``/proc`` between two readings.
 
-    The fork count is exact (it only grows) but counts the whole machine; the
-    cursor counts only this pid namespace but is trusted only within
-    :data:`_CURSOR_WINDOW`.
+    Only the fork count can say so: it is counted in the same critical
+    section that makes a new task visible, so a task not in a walk that
+    followed ``before`` (a fork still in flight then) moves it. The cursor
+    cannot: it moves when a fork *starts*, and a fork that started before
+    ``before`` may become visible only after the walk.
     """
-    if before.forks is not None and now.forks is not None and now.forks - before.forks == own:
-        return True
+    return before.forks is not None and now.forks is not None and now.forks == before.forks
+
+
+def _only_own_allocated(start: Counters, now: Counters, own: Collection[int]) -> bool:
+    """True when, since ``start``, no pid was allocated in this namespace but ``own``'s.
+
+    Only the cursor can say so: it moves when a fork starts, so a descendant
+    still being forked has already moved it; the fork count would not have.
+    Trusted within the time a lap of the free pids takes, and only if it has
+    seen all of ``own``.
+    """
+    if start.cursor is None or now.cursor is None or now.tasks is None or not own:
+        return False
     return (
-        before.cursor is not None
-        and now.cursor is not None
-        and now.cursor - before.cursor == own
-        and now.at - before.at <= _CURSOR_WINDOW
+        now.cursor - start.cursor == len(own)
+        and now.cursor >= max(own)
+        and now.at - start.at <= _cursor_window(now.tasks)
     )
 
 
@@ -311,11 +356,12 @@ class Census:
     per process on the machine, about 1 ms per 100) is skipped when they
     prove it useless:
 
-    * since just before the first rank, nothing was created but the group's
-      own processes (:meth:`own`): the ranks have no descendant at all; the
-      table is empty, nothing is read;
-    * nothing was created since the last table: the young processes of that
-      table are read again (none at all if they were only the group's own).
+    * the pid cursor moved by the group's own processes (:meth:`own`) alone
+      since just before the first of them: no other fork even started here,
+      the ranks have no descendant; the table is empty, nothing is read;
+    * the fork count has not moved since the last table: no task became
+      visible since; the young processes of that table are read again (none
+      at all if they were only the group's own).
 
     Otherwise it walks all of ``/proc``. A table always holds every
     descendant of the ranks, and the ranks too unless they have none; only
@@ -358,14 +404,14 @@ class Census:
         """
         if not _platform.HAS_PROC:
             return {}
-        now = counters()  # before any read: a process created later moves them
+        now = counters()  # before any read: what becomes visible later moves them
         last = self._last
-        if last is not None and _nothing_created(self._last_counters, now):
+        if last is not None and _nothing_new(self._last_counters, now):
             young = [pid for pid, st in last.items() if st.starttime >= since]
             if self._own.issuperset(young):  # no descendant then, none created since
                 return self._keep({}, now)
             return self._keep(_read_stats(young), now)
-        if _nothing_created(self._start, now, own=len(self._own)):
+        if _only_own_allocated(self._start, now, self._own):
             return self._keep({}, now)
         return self._keep(snapshot(), now)
 
