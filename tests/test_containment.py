@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -272,6 +273,9 @@ async def _end_in_process(kind: str, ending: str, shape: str, tmp_path: Path) ->
                     assert result.terminated == frozenset(range(1, NPROCS))
                 else:
                     assert result.terminated == frozenset(range(NPROCS))
+                if shape == "fork_on_term" and ending != "succeed":
+                    # Each rank started its daemon on SIGTERM, then exited 0.
+                    assert {result.exit_codes[r] for r in result.terminated} == {0}
     assert survivors(report, since) == []
     assert watchdog_pid is not None
     assert _watchdog.read_stat(watchdog_pid) is None, "the watchdog outlived its group"
@@ -415,11 +419,28 @@ def test_loop_in_a_non_main_thread(tmp_path: Path) -> None:
     assert left == []
 
 
-def test_watchdog_starts_at_low_priority_through_nice() -> None:
-    """The watchdog is started through nice(1): its interpreter starts at niceness +10."""
+async def test_watchdog_starts_at_low_priority_through_nice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watchdog is started through the system's nice(1): its interpreter starts at +10."""
     prefix = _reap._nice_prefix()
     if not prefix:
         pytest.skip("no nice(1) on this machine (the fallback is tested below)")
+    assert prefix[0] in _reap._NICE_PATHS
+    started: list[list[str]] = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        started.append(list(args))
+        return real_popen(args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", recording_popen)
+    async with corral.spawn(python("pass"), nprocs=1) as group:
+        await group.wait()
+    monkeypatch.undo()
+    watchdog_argv = next(a for a in started if _reap._WATCHDOG_MAIN in a)
+    assert watchdog_argv[: len(prefix)] == prefix
+    # And that prefix does what it says, on this machine:
     mine = os.getpriority(os.PRIO_PROCESS, 0)
     out = subprocess.run(
         [*prefix, sys.executable, "-I", "-S", "-c", "import os; print(os.getpriority(0, 0))"],
@@ -452,6 +473,45 @@ async def test_watchdog_starts_without_a_broken_nice(
         assert _reap._NICE == []
         assert os.getpriority(os.PRIO_PROCESS, group._watchdog.pid) == min(19, mine + 10)
         await group.wait()
+
+
+async def test_a_close_that_fails_leaves_the_sweep_to_the_watchdog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If close itself fails (here: /proc cannot be read once), the watchdog ends the group
+    and the zombies are reaped all the same."""
+    since = _watchdog.boot_ticks()
+    with handshakes(tmp_path) as hs:
+        group = spawn_shape("command", "child", hs.path, nprocs=2, grace=GRACE)
+        async with asyncio.timeout(20):
+            await group.__aenter__()
+            report = await hs.report(2, lambda: _early_exit(group))
+            assert group._watchdog is not None
+            watchdog = group._watchdog.pid
+
+            def unreadable_once() -> dict[int, _watchdog.Stat]:
+                monkeypatch.undo()
+                raise OSError(errno.EMFILE, "Too many open files")
+
+            monkeypatch.setattr(group, "_table", unreadable_once)
+            with pytest.raises(OSError, match="Too many open files"):
+                await group.close()
+    assert _watchdog.read_stat(watchdog) is None, "the watchdog was not reaped"
+    assert survivors(report, since) == []
+
+
+async def test_the_zombie_sweep_leaves_the_ranks_to_their_group() -> None:
+    """A rank's zombie is the group's to reap (by waitpid, once): the sweep skips it."""
+    rank = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    try:
+        await wait_exit(rank.pid)
+        table = _reap.snapshot()
+        assert table[rank.pid].zombie
+        assert _reap.reap_zombie_children({}, [rank.pid], 0, table) == 0
+        still = os.waitid(os.P_PID, rank.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)  # noqa: ASYNC222 (exited)
+        assert still is not None, "the sweep reaped a rank"
+    finally:
+        rank.wait()
 
 
 async def test_watchdog_kills_the_group_of_an_abandoned_pipe(tmp_path: Path) -> None:

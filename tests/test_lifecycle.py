@@ -215,12 +215,18 @@ async def test_double_cancel_still_cleans_up(tmp_path: Path) -> None:
         python(code), nprocs=2, tee="out", grace=1.0, log_dir=tmp_path / "logs", console=console
     )
 
+    entered = asyncio.Event()
+
     async def body() -> None:
         async with group:
-            await asyncio.sleep(600)
+            entered.set()
+            await asyncio.sleep(600)  # until cancelled
 
     async with asyncio.timeout(15):
         task = asyncio.create_task(body())
+        # Inside the block (a cancel during the start rolls back with no grace)
+        # and both ranks ready to handle SIGTERM:
+        await entered.wait()
         await out.wait_for(b"ready", 2)
         task.cancel()
         await out.wait_for(b"term", 2)  # the close is in its grace period now

@@ -11,6 +11,7 @@ finishes and every caller gets the same ``Result``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import os
@@ -42,6 +43,8 @@ _log = logging.getLogger("corral")
 #: After every process of the group is dead, how long pipes may take to reach
 #: EOF before they are drained and closed by force (a writer escaped the group).
 DRAIN_TIMEOUT: Final = 0.5
+#: Longest wait for the watchdog to sweep a group whose close failed.
+_SWEEP_TIMEOUT: Final = 5.0
 #: How many kill-and-rescan rounds before giving up on a process that keeps forking.
 _KILL_ROUNDS: Final = 20
 #: Pause before rescanning when a child of ours was caught in the middle of an execve.
@@ -477,6 +480,15 @@ class Group:
             # 5. Drain the pumps: with every writer dead, EOF is immediate.
             await self._drain()
         finally:
+            if watchdog_gone is None and self._watchdog is not None:
+                # The close itself failed before the group was known dead: the
+                # watchdog sweeps what is left of it, then exits. Wait for it
+                # (bounded) so the ranks' exits are in when they are reaped.
+                watchdog_gone = self._watchdog.release()
+                await asyncio.wait([watchdog_gone], timeout=_SWEEP_TIMEOUT)
+                await asyncio.sleep(0)  # the ranks' exit callbacks, if just queued
+                with contextlib.suppress(OSError):  # once more: the failure may have passed
+                    self._reap_orphans(killer, None)
             killer.close()
             if self._owns_console and self._console is not None:
                 self._console.close()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -80,7 +81,8 @@ def boot_ticks_now() -> int:
 #: Every child this process started through corral (ranks, watchdogs) and has
 #: not reaped yet, across all groups: never mistaken for an orphan to reap.
 _OWN_CHILDREN: set[int] = set()
-#: Niceness of a watchdog (it runs only while the supervisor is alive and idle).
+#: Niceness of a watchdog, relative to the supervisor's (it runs only while
+#: the supervisor is alive and idle).
 _WATCHDOG_NICE: Final = 10
 _NICE: list[str] | None = None
 
@@ -96,14 +98,23 @@ def _nice_prefix() -> list[str]:
     slice (measured: 2.5 ms instead of 0.7 ms to start it on 2 busy cores).
     Through nice(1), the first image ``exec``'d is small and the interpreter
     starts already lowered.
+
+    Only the system's own nice(1) is used (not one found on ``PATH``): a
+    wrapper that did not ``exec`` would become the watchdog's parent, and the
+    watchdog would take the supervisor for dead.
     """
     global _NICE
     if _NICE is None:
-        import shutil
-
-        found = shutil.which("nice")
+        found = next((p for p in _NICE_PATHS if os.access(p, os.X_OK)), None)
         _NICE = [found, "-n", str(_WATCHDOG_NICE)] if found else []
     return _NICE
+
+
+_NICE_PATHS: Final = ("/usr/bin/nice", "/bin/nice")
+#: Errors that mean nice(1) cannot run here at all (not a passing shortage).
+_NICE_BROKEN: Final = frozenset(
+    {errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.EPERM}
+)
 
 
 def _spawn_watchdog(program: list[str], stdin: int) -> subprocess.Popen[bytes]:
@@ -120,10 +131,10 @@ def _spawn_watchdog(program: list[str], stdin: int) -> subprocess.Popen[bytes]:
                 close_fds=True,
                 start_new_session=True,
             )
-        except OSError:
-            if not prefix:
+        except OSError as exc:
+            if not prefix or exc.errno not in _NICE_BROKEN:
                 raise
-            _NICE = []  # e.g. not executable here: never try it again
+            _NICE = []  # it cannot run here: never try it again
 
 
 #: The watchdog program: ``_watchdog`` imported as a top-level module from its
@@ -657,7 +668,8 @@ class Watchdog:
         register_own(popen.pid)
         if not _nice_prefix():  # no nice(1): lower its priority now, a little late
             with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, popen.pid, _WATCHDOG_NICE)
+                mine = os.getpriority(os.PRIO_PROCESS, 0)
+                os.setpriority(os.PRIO_PROCESS, popen.pid, min(19, mine + _WATCHDOG_NICE))
         return cls(popen, write_end)
 
     def add_ranks(self, loop: asyncio.AbstractEventLoop, pids: Iterable[int]) -> None:
@@ -698,6 +710,17 @@ class Watchdog:
         The kernel tears the watchdog down while the caller goes on with other
         clean-up, instead of waiting for it first.
         """
+        return self._end(kill=True)
+
+    def release(self) -> asyncio.Future[None]:
+        """Close the pipe: the watchdog kills what is left of the group, then exits.
+
+        For a close that failed before the group was known dead. The future
+        resolves once the watchdog is reaped.
+        """
+        return self._end(kill=False)
+
+    def _end(self, *, kill: bool) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         popen = self._popen
@@ -709,7 +732,7 @@ class Watchdog:
         def on_exit(code: int) -> None:
             popen.returncode = code
             forget_own(popen.pid)
-            if code != -signal.SIGKILL:
+            if kill and code != -signal.SIGKILL:
                 _log.warning(
                     "corral: the group's watchdog had exited early (code %d): the group "
                     "was not protected against the death of this process",
@@ -719,8 +742,11 @@ class Watchdog:
             if not done.done():
                 done.set_result(None)
 
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(popen.pid, signal.SIGKILL)  # still our unreaped child: no reuse race
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(popen.pid, signal.SIGKILL)  # still our unreaped child: no reuse race
+        else:
+            self._close_pipe()  # end of file: it sweeps the group and exits
         _platform.watch_exit(loop, popen.pid, on_exit)
         return done
 
