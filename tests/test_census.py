@@ -50,7 +50,7 @@ class Machine:
         monkeypatch.setattr(_reap, "_CURSOR_OK", True)
         monkeypatch.setattr(_reap, "_FORKS_OK", True)
         monkeypatch.setattr(_reap, "_PID_MAX", 32768)  # 2 CPUs or more: a window of ms
-        monkeypatch.setattr(_reap, "snapshot", self._snapshot)
+        monkeypatch.setattr(_reap, "walk", self._walk)
         monkeypatch.setattr(_watchdog, "read_stat", self._read_stat)
 
     def start(self, pid: int, st: _watchdog.Stat = YOUNG) -> int:
@@ -80,9 +80,9 @@ class Machine:
             self.clock,
         )
 
-    def _snapshot(self) -> dict[int, _watchdog.Stat]:
+    def _walk(self, since: int) -> dict[int, _watchdog.Stat]:
         self.walks += 1
-        return dict(self.procs)
+        return {pid: st for pid, st in self.procs.items() if st.starttime >= since}
 
     def _read_stat(self, pid: int) -> _watchdog.Stat | None:
         self.reads.append(pid)
@@ -95,7 +95,7 @@ def machine(monkeypatch: pytest.MonkeyPatch) -> Machine:
 
 
 def started_group(machine: Machine, *pids: int) -> _reap.Census:
-    census = _reap.Census()
+    census = _reap.Census(SINCE)
     for pid in pids:
         census.own(machine.start(pid))
     census.check()
@@ -106,7 +106,7 @@ def test_only_the_groups_own_pids_means_no_walk(machine: Machine) -> None:
     """No pid allocated here but the group's own: no descendant exists, nothing is read."""
     census = started_group(machine, 101, 102)
     machine.elsewhere()  # another pid namespace's fork: not ours
-    assert census.take(SINCE) == {}
+    assert census.take() == {}
     assert (machine.walks, machine.reads) == (0, [])
 
 
@@ -114,7 +114,7 @@ def test_any_other_pid_means_a_full_walk(machine: Machine) -> None:
     """One more pid than the group's own (a rank's child, a stranger, a failed fork): a walk."""
     census = started_group(machine, 101)
     machine.failed_fork()
-    assert census.take(SINCE) == {1: OLD, 101: YOUNG}
+    assert census.take() == {101: YOUNG}
     assert machine.walks == 1
 
 
@@ -122,9 +122,9 @@ def test_a_fork_in_flight_at_the_first_table_is_not_lost(machine: Machine) -> No
     """A rank's fork that has its pid but is not visible yet: the cursor already says so."""
     census = started_group(machine, 101)
     machine.begin_fork()  # pid 102 allocated, the fork still in flight
-    assert census.take(SINCE) == {1: OLD, 101: YOUNG}  # a full walk, not "no descendant"
+    assert census.take() == {101: YOUNG}  # a full walk, not "no descendant"
     machine.end_fork(102)
-    assert 102 in census.take(SINCE)  # the fork count moved: a walk again
+    assert 102 in census.take()  # the fork count moved: a walk again
     assert machine.walks == 2
 
 
@@ -134,9 +134,9 @@ def test_a_fork_straddling_a_walk_is_not_lost(machine: Machine) -> None:
     census = started_group(machine, 101)
     machine.start(102)  # a descendant: the next table is a full walk
     machine.begin_fork()  # pid 103 allocated, its fork still in flight
-    assert 103 not in census.take(SINCE)
+    assert 103 not in census.take()
     machine.end_fork(103)  # visible, counted
-    assert 103 in census.take(SINCE)
+    assert 103 in census.take()
     assert machine.walks == 2
 
 
@@ -144,13 +144,13 @@ def test_nothing_visible_since_the_last_table_rereads_only_the_young(machine: Ma
     """No task became visible since the last table: its young processes are read again."""
     census = started_group(machine, 101)
     machine.start(102)
-    census.take(SINCE)
+    census.take()
     machine.failed_fork()  # moves the cursor, creates nothing
     machine.procs[102] = _watchdog.Stat(ppid=1, sid=7, starttime=SINCE + 5, zombie=True)
     del machine.procs[101]
-    table = census.take(SINCE)
+    table = census.take()
     assert machine.walks == 1
-    assert sorted(machine.reads) == [101, 102]  # not the old pid 1
+    assert sorted(machine.reads) == [101, 102]
     assert table == {102: machine.procs[102]}
 
 
@@ -158,8 +158,8 @@ def test_nothing_new_after_a_table_of_only_our_own_reads_nothing(machine: Machin
     """A walk that found no young process but the group's own, nothing created since: no read."""
     census = started_group(machine, 101)
     machine.failed_fork()
-    assert census.take(SINCE) == {1: OLD, 101: YOUNG}  # a full walk: nothing proven
-    assert census.take(SINCE) == {}
+    assert census.take() == {101: YOUNG}  # a full walk: nothing proven
+    assert census.take() == {}
     assert (machine.walks, machine.reads) == (1, [])
 
 
@@ -167,9 +167,9 @@ def test_a_start_after_the_last_table_means_a_full_walk(machine: Machine) -> Non
     """A process born between two tables (e.g. a rank forking on SIGTERM) forces a walk."""
     census = started_group(machine, 101)
     machine.start(102)
-    census.take(SINCE)
+    census.take()
     machine.start(103)
-    assert 103 in census.take(SINCE)
+    assert 103 in census.take()
     assert machine.walks == 2
 
 
@@ -177,26 +177,26 @@ def test_the_cursor_is_trusted_only_within_its_window(machine: Machine) -> None:
     """Past the time a lap of the free pids takes, the cursor proves nothing."""
     census = started_group(machine, 101)
     machine.clock += 1.0
-    census.take(SINCE)
+    census.take()
     assert machine.walks == 1
 
 
 def test_a_cursor_behind_our_own_pids_is_not_trusted(machine: Machine) -> None:
     """A cursor that never counted the group's own pids (a stale copy) proves nothing."""
-    census = _reap.Census()
+    census = _reap.Census(SINCE)
     census.own(machine.start(5000))  # a pid above the cursor it was given
     assert machine.cursor < 5000
-    census.take(SINCE)
+    census.take()
     assert machine.walks == 1
 
 
 def test_a_lagging_counter_is_turned_off(machine: Machine) -> None:
     """A counter that missed the group's own starts (a sandbox) is never used again."""
-    census = _reap.Census()
+    census = _reap.Census(SINCE)
     census.own(101)  # started, but neither counter moved
     census.check()
     assert (_reap._CURSOR_OK, _reap._FORKS_OK) == (False, False)
-    census.take(SINCE)
+    census.take()
     assert machine.walks == 1
 
 
@@ -211,6 +211,64 @@ def test_counters_mounted_over_are_not_used(monkeypatch: pytest.MonkeyPatch) -> 
     assert (_reap._CURSOR_OK, _reap._FORKS_OK) == (False, True)
     assert now.cursor is None
     assert now.forks is not None
+
+
+def test_a_walk_rereads_no_process_known_to_be_old(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a first walk, only young or new processes are read: old ones are known by
+    the inode of their /proc entry, which a recycled pid does not keep."""
+    entries = [(1, 11), (500, 50), (600, 60)]
+    stats = {1: OLD, 500: OLD, 600: YOUNG}
+    reads: list[int] = []
+
+    def read_stat(pid: int) -> _watchdog.Stat | None:
+        reads.append(pid)
+        return stats.get(pid)
+
+    monkeypatch.setattr(_reap, "_SEEN", {})
+    monkeypatch.setattr(_reap, "_proc_entries", lambda: list(entries))
+    monkeypatch.setattr(_watchdog, "read_stat", read_stat)
+    assert _reap.walk(SINCE) == {600: YOUNG}  # the old ones are read, not returned
+    assert sorted(reads) == [1, 500, 600]
+    reads.clear()
+    assert _reap.walk(SINCE) == {600: YOUNG}
+    assert reads == [600]  # young: its state may have changed
+    entries[1] = (500, 51)  # pid 500 exited; a new process got the pid: a new inode
+    stats[500] = YOUNG
+    reads.clear()
+    assert _reap.walk(SINCE) == {500: YOUNG, 600: YOUNG}
+    assert sorted(reads) == [500, 600]
+    reads.clear()
+    assert _reap.walk(SINCE - 10) == {1: OLD, 500: YOUNG, 600: YOUNG}  # an older group
+    assert sorted(reads) == [1, 500, 600]
+
+
+def test_a_real_walk_reads_only_young_and_new_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On this machine: the second walk reads no process the first one knew to be old."""
+    since = _watchdog.boot_ticks()
+    _reap.walk(since)
+    known = dict(_reap._SEEN)
+    reads: list[int] = []
+    real_read = _watchdog.read_stat
+
+    def read_stat(pid: int) -> _watchdog.Stat | None:
+        reads.append(pid)
+        return real_read(pid)
+
+    monkeypatch.setattr(_watchdog, "read_stat", read_stat)
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=-1)
+    try:
+        table = _reap.walk(since)
+        inodes = dict(_reap._proc_entries())
+    finally:
+        child.communicate(b"")
+    assert child.pid in table
+    old_again = [
+        pid
+        for pid in reads
+        if pid in known and known[pid][1] < since and known[pid][0] == inodes.get(pid)
+    ]
+    assert old_again == []
+    assert len(reads) < len(known)
 
 
 def test_the_kernel_counters_count_every_start() -> None:

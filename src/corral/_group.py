@@ -324,7 +324,7 @@ class Group:
         self._subreaper = True
         _platform.acquire_subreaper()
         self._since = _reap.boot_ticks_now()
-        self._census = census = _reap.Census()
+        self._census = census = _reap.Census(self._since)
         self._started_at = time.time()
         self._state = _State.RUNNING
         console = self._console
@@ -543,7 +543,7 @@ class Group:
         """A ``/proc`` table holding every process that can belong to the group."""
         if self._census is None:  # the start failed before any rank
             return _reap.snapshot()
-        return self._census.take(self._since)
+        return self._census.take()
 
     def _held_pids(self) -> list[int]:
         """The unreaped ranks' pids: also their sessions' ids, valid while held."""
