@@ -220,6 +220,11 @@ def walk(since: int) -> dict[int, _watchdog.Stat]:
     ``since`` under the same inode is still that old process: it is not
     read again. So after the first walk in a process, a walk costs one
     listing plus one read per young process, whatever the machine runs.
+
+    (The kernel frees a pid a few instructions before it drops the old
+    ``/proc/PID`` entry; a process given that very pid in that instant, and
+    listed in it, would show the old inode. The cursor hands out pids in
+    order, so that takes a full lap of the pid space landing there then.)
     """
     global _SEEN
     if not _platform.HAS_PROC:
