@@ -514,6 +514,23 @@ async def test_the_zombie_sweep_leaves_the_ranks_to_their_group() -> None:
         rank.wait()
 
 
+def test_a_proc_of_another_pid_namespace_is_never_used(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its pids are other processes': no scan (not even psutil's, which reads it), a warning."""
+
+    def psutil_scan(*_: object) -> list[_reap.Member]:
+        raise AssertionError("psutil would read the foreign /proc")
+
+    monkeypatch.setattr(_platform, "HAS_PROC", False)
+    monkeypatch.setattr(_platform, "FOREIGN_PROC", True)
+    monkeypatch.setattr(_reap, "_FOREIGN_WARNED", False)
+    monkeypatch.setattr(_reap, "_scan_psutil", psutil_scan)
+    assert _reap.scan("token", [os.getpid()], 0, ()) == []
+    assert "another pid namespace" in caplog.text
+    assert _reap.Watchdog.start("token", 0) is None
+
+
 async def test_watchdog_kills_the_group_of_an_abandoned_pipe(tmp_path: Path) -> None:
     """The watchdog ends the group when its pipe closes (what ``Group.__del__`` relies on).
 

@@ -321,10 +321,10 @@ class Group:
             _platform.ensure_fd_budget(_fd_budget(plan))
         except OSError as exc:
             raise CorralError(f"could not start the group: {exc.strerror}") from exc
-        self._subreaper = True
-        _platform.acquire_subreaper()
         self._since = _reap.boot_ticks_now()
         self._census = census = _reap.Census(self._since)
+        self._subreaper = True
+        _platform.acquire_subreaper()
         self._started_at = time.time()
         self._state = _State.RUNNING
         console = self._console

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 __all__ = (
+    "FOREIGN_PROC",
     "HAS_PIDFD",
     "HAS_PROC",
     "acquire_subreaper",
@@ -45,8 +46,25 @@ def _probe_pidfd() -> bool:
 #: ``pidfd_open(2)`` works: process exits wake the event loop through a pidfd
 #: registered with ``add_reader``: no thread, no SIGCHLD handler.
 HAS_PIDFD: bool = _probe_pidfd()
-#: ``/proc`` can be scanned for a group's descendants (Linux).
-HAS_PROC: bool = IS_LINUX and os.path.isdir("/proc/self")
+
+
+def _probe_proc() -> tuple[bool, bool]:
+    """(``/proc`` is this process's pid namespace's, ``/proc`` is another's)."""
+    if not IS_LINUX:
+        return False, False
+    try:
+        ours = os.readlink("/proc/self") == str(os.getpid())
+    except OSError:  # no /proc, or one without the self link
+        return False, False
+    return ours, not ours
+
+
+#: ``/proc`` can be scanned for a group's descendants (Linux): it shows this
+#: process's own pid namespace, so its pids are the pids this process uses.
+#: ``FOREIGN_PROC``: a ``/proc`` of another pid namespace (e.g. ``unshare -p``
+#: without remounting it): its pids mean other processes, so neither it nor
+#: psutil (which reads it) may be used to find or signal anything.
+HAS_PROC, FOREIGN_PROC = _probe_proc()
 
 _subreaper_lock = threading.Lock()
 _subreaper_users = 0

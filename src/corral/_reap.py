@@ -199,10 +199,9 @@ def snapshot() -> dict[int, _watchdog.Stat]:
 
 
 #: What walks of ``/proc`` read, for the next ones: pid -> (the inode number
-#: of ``/proc/PID``, start tick). The inode identifies the process: a new
-#: process that gets a recycled pid gets a new ``/proc/PID`` inode (the old
-#: one dies with the old process's ``struct pid``).
+#: of ``/proc/PID``, start tick), and the counters read just before.
 _SEEN: dict[int, tuple[int, int]] = {}
+_SEEN_AT: Counters | None = None
 
 
 def _proc_entries() -> list[tuple[int, int]]:
@@ -211,33 +210,55 @@ def _proc_entries() -> list[tuple[int, int]]:
         return [(int(e.name), e.inode()) for e in entries if e.name.isdigit()]
 
 
-def walk(since: int) -> dict[int, _watchdog.Stat]:
+def walk(since: int, at: Counters | None = None) -> dict[int, _watchdog.Stat]:
     """Every process but this one started at or after ``since`` (boot ticks).
 
     Every membership rule concerns only such young processes. Reading
-    ``/proc/PID/stat`` costs about 7 us a process; listing ``/proc`` gives
-    each process's inode for free, and a process already seen older than
-    ``since`` under the same inode is still that old process: it is not
-    read again. So after the first walk in a process, a walk costs one
-    listing plus one read per young process, whatever the machine runs.
+    ``/proc/PID/stat`` costs about 7 us a process; a walk reads it only for
+    processes it does not already know to be older than ``since``. A
+    process is known when an earlier walk read it under the same pid *and*
+    nothing can have put a new process under that pid since:
 
-    (The kernel frees a pid a few instructions before it drops the old
-    ``/proc/PID`` entry; a process given that very pid in that instant, and
-    listed in it, would show the old inode. The cursor hands out pids in
-    order, so that takes a full lap of the pid space landing there then.)
+    * the pid is outside the range the pid cursor handed out since that walk
+      (:class:`Counters`; only while no lap of the free pids was possible),
+      or, past that,
+    * the inode of ``/proc/PID`` (given free by the listing) is the same: a
+      new process under a recycled pid has a new ``struct pid``, so a new
+      inode. (Inode 1 is what the kernel reports when it could not make one:
+      never trusted. Between 5.7 and 6.14 the kernel freed a pid a moment
+      before dropping its ``/proc`` entry, so a process given that very pid
+      in that moment could show the old inode to a listing made then; the
+      cursor rule above, used whenever the last walk is recent, has no such
+      gap.)
+
+    So a walk after the first one in a process costs one listing plus one
+    read per young (or new) process, whatever the machine runs.
+
+    Args:
+        since: boot ticks; older processes are not returned.
+        at: :func:`counters` read just before (read now if not given).
     """
-    global _SEEN
+    global _SEEN, _SEEN_AT
     if not _platform.HAS_PROC:
         return {}
     me = os.getpid()
-    seen = _SEEN
+    seen, before = _SEEN, _SEEN_AT
+    if at is None:
+        at = counters()  # before the listing
+    handed_out = _handed_out(before, at)
     now: dict[int, tuple[int, int]] = {}
     table: dict[int, _watchdog.Stat] = {}
     for pid, ino in _proc_entries():
         if pid == me:
             continue
         known = seen.get(pid)
-        if known is not None and known[0] == ino and known[1] < since:
+        if (
+            known is not None
+            and known[1] < since
+            and known[0] == ino
+            and ino > 1
+            and (handed_out is None or not handed_out[0] < pid <= handed_out[1])
+        ):
             now[pid] = known
             continue
         st = _watchdog.read_stat(pid)
@@ -246,8 +267,21 @@ def walk(since: int) -> dict[int, _watchdog.Stat]:
         now[pid] = (ino, st.starttime)
         if st.starttime >= since:
             table[pid] = st
-    _SEEN = now
+    _SEEN, _SEEN_AT = now, at
     return table
+
+
+def _handed_out(before: Counters | None, now: Counters) -> tuple[int, int] | None:
+    """``(low, high)``: the pids allocated between two readings are in ``low < pid <= high``.
+
+    None when that cannot be known: no cursor, a wrap, or time enough for a
+    lap of the free pids.
+    """
+    if before is None or before.cursor is None or now.cursor is None or now.tasks is None:
+        return None
+    if now.cursor < before.cursor or now.at - before.at > _cursor_window(now.tasks):
+        return None
+    return before.cursor, now.cursor
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,12 +506,12 @@ class Census:
             return self._keep(_read_stats(last), now)
         if _only_own_allocated(self._start, now, self._own):
             return self._keep({}, now)
-        return self._keep(walk(self._since), now)
+        return self._keep(walk(self._since, now), now)
 
     def full(self) -> dict[int, _watchdog.Stat]:
         """Every process started since the group: a walk (also the base of later tables)."""
         now = counters()
-        return self._keep(walk(self._since), now)
+        return self._keep(walk(self._since, now), now)
 
     def _keep(self, table: dict[int, _watchdog.Stat], now: Counters) -> dict[int, _watchdog.Stat]:
         self._last, self._last_counters = table, now
@@ -513,6 +547,9 @@ def scan(
             (see ``_watchdog.members``): scan again shortly.
     """
     if not _platform.HAS_PROC:
+        if _platform.FOREIGN_PROC:
+            _warn_foreign_proc()
+            return []
         return _scan_psutil(sessions, exclude)
     if table is None:
         table = snapshot()
@@ -529,6 +566,20 @@ def scan(
         for pid, st in sorted(table.items())
         if pid in found
     ]
+
+
+_FOREIGN_WARNED = False
+
+
+def _warn_foreign_proc() -> None:
+    global _FOREIGN_WARNED
+    if not _FOREIGN_WARNED:
+        _FOREIGN_WARNED = True
+        _log.warning(
+            "corral: /proc shows another pid namespace than this process's (remount it, "
+            "e.g. unshare --mount-proc): descendants that leave a rank's process group "
+            "cannot be found, and there is no watchdog"
+        )
 
 
 def _scan_psutil(sessions: Iterable[int], exclude: Collection[int]) -> list[Member]:

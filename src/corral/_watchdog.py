@@ -19,8 +19,8 @@ is left, and exits. On a normal close the supervisor SIGKILLs and reaps it
 after the group is gone: it never outlives its group.
 
 This file must stay importable as a plain script: standard library only, no
-relative imports, nothing imported beyond ``os``, ``select``, ``signal`` and
-``sys``. ``_reap`` imports the membership functions from it, so the
+relative imports, nothing imported beyond ``os``, ``select``, ``signal``,
+``sys`` and ``time``. ``_reap`` imports the membership functions from it, so the
 supervisor and the watchdog apply exactly the same rules.
 
 Membership (no parent links needed, so re-parented orphans are found):
@@ -43,6 +43,7 @@ from __future__ import annotations
 import os
 import select
 import sys
+import time
 
 # ``typing`` and ``signal`` (which imports ``enum``) would triple the
 # watchdog's start-up time: neither is imported at run time.
@@ -215,9 +216,16 @@ def _exec_in_progress(pid: int) -> bool:
 
 
 def boot_ticks() -> int:
-    """Now, in clock ticks since boot: the unit of ``/proc/PID/stat``'s starttime."""
-    with open("/proc/uptime", "rb") as f:
-        uptime = float(f.read().split()[0])
+    """Now, in clock ticks since boot: the unit of ``/proc/PID/stat``'s starttime.
+
+    ``CLOCK_BOOTTIME``, the clock the start times are kept on (time namespace
+    offsets included, as for them); ``/proc/uptime`` where it is missing.
+    """
+    try:
+        uptime = time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
     # Round down and step back a tick: a rank started in this tick must match.
     return max(0, int(uptime * os.sysconf("SC_CLK_TCK")) - 1)
 
