@@ -43,6 +43,11 @@ _log = logging.getLogger("corral")
 #: After every process of the group is dead, how long pipes may take to reach
 #: EOF before they are drained and closed by force (a writer escaped the group).
 DRAIN_TIMEOUT: Final = 0.5
+#: A console that takes nothing for this long while a group closes is taken for
+#: one nobody reads (a paused terminal): the rest of its backlog is dropped
+#: (the log files have it) rather than hang the close. Long enough for a slow
+#: reader starved of CPU on a loaded machine not to lose lines.
+CONSOLE_STALL: Final = 2.0
 #: Longest wait for the watchdog to sweep a group whose close failed.
 _SWEEP_TIMEOUT: Final = 5.0
 #: How many kill-and-rescan rounds before giving up on a process that keeps forking.
@@ -623,7 +628,7 @@ class Group:
             p.drain_and_close()
         await asyncio.gather(*(p.done for p in pumps))
         if console is not None:
-            await console.wait_flushed(DRAIN_TIMEOUT)
+            await console.wait_flushed(CONSOLE_STALL)
 
     # -- the result -------------------------------------------------------------
     def _build_result(self) -> Result:
