@@ -309,8 +309,9 @@ async def _end_by_signal(kind: str, ending: str, shape: str, tmp_path: Path) -> 
                 assert code == -signal.SIGKILL
                 # No help from the dead supervisor: the watchdog ends the group.
                 t0 = time.monotonic()
-                for pid in report.pids:
-                    await wait_exit(pid)
+                async with asyncio.timeout(2):  # SPEC: "within about a second"
+                    for pid in report.pids:
+                        await wait_exit(pid)
                 print(f"{shape}: group dead {time.monotonic() - t0:.3f}s after SIGKILL")
                 # Its zombies were re-parented to us (the subreaper, as init): reap them.
                 await reap_new_children(before)

@@ -16,19 +16,27 @@ import pytest
 import corral
 from corral import CorralError, Group, GroupFailedError, Std
 
+from .children import callable_fns as fns
 from .conftest import python, watched_console
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from pathlib import Path
 
+    from .conftest import WatchedIO
+
 SLEEPER = "import time; print('ready', flush=True); time.sleep(600)"
+#: A rank that says ``ready``, then answers every SIGTERM with a ``term`` line
+#: and runs on (only SIGKILL ends it). sigwait(), not a handler: a signal that
+#: arrives right after ``ready`` is never lost.
 IGNORE_TERM = textwrap.dedent(
     """
-    import signal, time
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import signal
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     print('ready', flush=True)
-    time.sleep(600)
+    while True:
+        signal.sigwait({signal.SIGTERM})
+        print('term', flush=True)
     """
 )
 
@@ -36,8 +44,9 @@ IGNORE_TERM = textwrap.dedent(
 @contextlib.asynccontextmanager
 async def ready_group(
     code: str, log_dir: Path, *, nprocs: int, grace: float
-) -> AsyncIterator[Group]:
-    """Spawn ``nprocs`` ranks of ``code`` (stdout teed); yield once each printed ``ready``."""
+) -> AsyncIterator[tuple[Group, WatchedIO]]:
+    """Spawn ``nprocs`` ranks of ``code`` (stdout teed); once each printed ``ready``,
+    yield the group and its watched console stdout."""
     console, out, _ = watched_console()
     async with (
         asyncio.timeout(10),
@@ -46,7 +55,7 @@ async def ready_group(
         ) as group,
     ):
         await out.wait_for(b"ready", nprocs)
-        yield group
+        yield group, out
 
 
 async def test_all_succeed(tmp_path: Path) -> None:
@@ -162,7 +171,7 @@ async def test_poll_before_and_after(tmp_path: Path) -> None:
 
 async def test_concurrent_close_returns_one_result(tmp_path: Path) -> None:
     """Three concurrent close() calls and a later one all get the same Result object."""
-    async with ready_group(SLEEPER, tmp_path, nprocs=3, grace=5) as group:
+    async with ready_group(SLEEPER, tmp_path, nprocs=3, grace=5) as (group, _):
         results = await asyncio.gather(group.close(), group.close(), group.close())
         again = await group.close()
         waited = await group.wait()
@@ -174,7 +183,7 @@ async def test_concurrent_close_returns_one_result(tmp_path: Path) -> None:
 
 async def test_escalation_to_sigkill(tmp_path: Path) -> None:
     """Ranks ignoring SIGTERM are SIGKILLed after grace; they are terminated, not failed."""
-    async with ready_group(IGNORE_TERM, tmp_path, nprocs=2, grace=0.2) as group:
+    async with ready_group(IGNORE_TERM, tmp_path, nprocs=2, grace=0.2) as (group, _):
         result = await group.close()
     assert result.exit_codes == {0: -signal.SIGKILL, 1: -signal.SIGKILL}
     assert result.terminated == {0, 1}
@@ -201,18 +210,13 @@ async def test_double_cancel_still_cleans_up(tmp_path: Path) -> None:
     """A task cancelled twice with raw Task.cancel() while its group closes (ranks ignore
     SIGTERM) still finishes the clean-up before CancelledError propagates."""
     console, out, _ = watched_console()
-    code = textwrap.dedent(
-        """
-        import signal
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # sigwait: no lost signal
-        print('ready', flush=True)
-        while True:
-            signal.sigwait({signal.SIGTERM})
-            print('term', flush=True)
-        """
-    )
     group = corral.spawn(
-        python(code), nprocs=2, tee="out", grace=1.0, log_dir=tmp_path / "logs", console=console
+        python(IGNORE_TERM),
+        nprocs=2,
+        tee="out",
+        grace=1.0,
+        log_dir=tmp_path / "logs",
+        console=console,
     )
 
     entered = asyncio.Event()
@@ -241,9 +245,9 @@ async def test_double_cancel_still_cleans_up(tmp_path: Path) -> None:
 
 async def test_cancelled_close_skips_the_grace_but_finishes(tmp_path: Path) -> None:
     """Cancelling close() during its grace period SIGKILLs at once and finishes cleaning."""
-    async with ready_group(IGNORE_TERM, tmp_path, nprocs=1, grace=300) as group:
+    async with ready_group(IGNORE_TERM, tmp_path, nprocs=1, grace=300) as (group, out):
         closing = asyncio.create_task(group.close())
-        await asyncio.sleep(0)  # let close() start and send SIGTERM
+        await out.wait_for(b"term")  # close() sent SIGTERM: it is in its grace period
         closing.cancel()
         with pytest.raises(asyncio.CancelledError):
             await closing
@@ -254,9 +258,9 @@ async def test_cancelled_close_skips_the_grace_but_finishes(tmp_path: Path) -> N
 
 async def test_close_with_shorter_grace_shortens_a_running_close(tmp_path: Path) -> None:
     """A second close(grace=0) hurries a close that is waiting out a long grace."""
-    async with ready_group(IGNORE_TERM, tmp_path, nprocs=1, grace=300) as group:
+    async with ready_group(IGNORE_TERM, tmp_path, nprocs=1, grace=300) as (group, out):
         slow = asyncio.create_task(group.close())
-        await asyncio.sleep(0)
+        await out.wait_for(b"term")  # the slow close is in its grace period
         fast = await group.close(grace=0)
         assert await slow is fast
     assert fast.exit_codes == {0: -signal.SIGKILL}
@@ -281,24 +285,39 @@ async def test_grandchild_holding_the_pipe_does_not_block_wait(tmp_path: Path) -
     assert out.getvalue() == b"[0]: rank done\n"
 
 
-async def test_no_fd_beyond_stdio_leaks_into_ranks(tmp_path: Path) -> None:
-    """Even an inheritable descriptor of the supervisor does not reach a rank."""
+@pytest.mark.parametrize("kind", ["teed", "redirected", "callable"])
+async def test_no_fd_beyond_stdio_leaks_into_ranks(kind: str, tmp_path: Path) -> None:
+    """Even an inheritable descriptor of the supervisor does not reach a rank, whether its
+    streams are teed through pipes, redirected to files, or it runs a Python callable."""
     r, w = os.pipe()
     os.set_inheritable(r, True)
     os.set_inheritable(w, True)
+    code = "import os; print(sorted(int(f) for f in os.listdir('/proc/self/fd')))"
+    logs = tmp_path / "logs"
     try:
-        code = "import os; print(sorted(int(f) for f in os.listdir('/proc/self/fd')))"
-        result = await corral.run(
-            python(code), nprocs=2, tee="out", log_dir=tmp_path, console=watched_console()[0]
-        )
+        if kind == "callable":
+            result = await corral.run(fns.open_fds, nprocs=2, log_dir=logs)
+        else:
+            result = await corral.run(
+                python(code),
+                nprocs=2,
+                redirects="out",
+                tee="out" if kind == "teed" else Std.NONE,
+                log_dir=logs,
+                console=watched_console()[0],
+            )
     finally:
         os.close(r)
         os.close(w)
-    assert result.ok
+    assert result.ok, result.describe()
     for rank in (0, 1):
-        fds = eval((tmp_path / str(rank) / "stdout.log").read_text())
+        if kind == "callable":
+            fds = result.return_values[rank]
+        else:
+            fds = eval((logs / str(rank) / "stdout.log").read_text())
         # 0, 1, 2 and the descriptor listdir itself opened to read /proc/self/fd.
-        assert len(fds) == 4
+        assert isinstance(fds, list)
+        assert len(fds) == 4, fds
         assert fds[:3] == [0, 1, 2]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import corral
-from corral import Std
+from corral import Std, _pump
 from corral._pump import LINE_CAP
 from corral._tee import Console
 
@@ -133,9 +133,19 @@ async def test_per_rank_tee_mapping(tmp_path: Path) -> None:
     assert (tmp_path / "2" / "stderr.log").read_text() == "e\n"
 
 
-async def test_a_huge_line_is_teed_in_bounded_pieces(tmp_path: Path) -> None:
+async def test_a_huge_line_is_teed_in_bounded_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A 6 MiB line without newline: the file is exact; the console gets pieces no longer
-    than LINE_CAP, so the supervisor never holds the whole line."""
+    than LINE_CAP, and the supervisor never holds more than LINE_CAP of the line."""
+    held: list[int] = []
+    real_feed = _pump._LineTee.feed
+
+    def feed(self: _pump._LineTee, data: bytes) -> None:
+        real_feed(self, data)
+        held.append(len(self._partial))
+
+    monkeypatch.setattr(_pump._LineTee, "feed", feed)
     size = 6 * 1024 * 1024
     code = (
         f"import sys; sys.stdout.buffer.write(b'x' * {size}); sys.stdout.buffer.write(b'\\nend\\n')"
@@ -150,31 +160,42 @@ async def test_a_huge_line_is_teed_in_bounded_pieces(tmp_path: Path) -> None:
     assert all(p.startswith(b"[0]: ") for p in pieces)
     assert max(len(p) for p in pieces) <= LINE_CAP + len(b"[0]: ")
     assert sum(len(p) - len(b"[0]: ") for p in pieces) == size
+    assert held  # the spy saw the stream
+    assert max(held) < LINE_CAP
 
 
 async def test_output_written_just_before_a_kill_is_kept(tmp_path: Path) -> None:
-    """Bytes a rank wrote right before it was SIGKILLed reach its log and the console."""
+    """Bytes a rank wrote right before it was SIGKILLed, including what it wrote after
+    SIGTERM during the grace period (more than a pipe holds), reach its log and console."""
     code = textwrap.dedent(
         """
-        import os, signal, sys, time
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        os.write(1, b"partial line, no newline")
+        import os, signal
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        os.write(1, b"before, ")
         os.write(2, b"ready\\n")
-        time.sleep(60)
+        signal.sigwait({signal.SIGTERM})
+        last = memoryview(b"y" * 200_000 + b"-end, no newline")
+        while last:
+            last = last[os.write(1, last):]
+        while True:  # further SIGTERMs are ignored: only SIGKILL ends it
+            signal.sigwait({signal.SIGTERM})
         """
     )
     console, out, err = watched_console()
     async with asyncio.timeout(20):
         async with corral.spawn(
-            python(code), nprocs=1, tee="all", grace=0.1, log_dir=tmp_path, console=console
+            python(code), nprocs=1, tee="all", grace=0.5, log_dir=tmp_path, console=console
         ) as group:
-            log = tmp_path / "0" / "stderr.log"
             await err.wait_for(b"ready")
             result = await group.close()
     assert result.exit_codes == {0: -9}
-    assert log.read_bytes() == b"ready\n"
-    assert (tmp_path / "0" / "stdout.log").read_bytes() == b"partial line, no newline"
-    assert out.getvalue() == b"[0]: partial line, no newline\n"
+    assert (tmp_path / "0" / "stderr.log").read_bytes() == b"ready\n"
+    expected = b"before, " + b"y" * 200_000 + b"-end, no newline"
+    assert (tmp_path / "0" / "stdout.log").read_bytes() == expected
+    shown = out.getvalue()
+    assert shown.startswith(b"[0]: before, yyy")
+    assert shown.endswith(b"-end, no newline\n")
+    assert shown.replace(b"\n[0]: ", b"") == b"[0]: " + expected + b"\n"  # pieces of one line
 
 
 TEE_RUN = str(Path(__file__).parent / "children" / "tee_run.py")

@@ -490,8 +490,10 @@ class Group:
                 # watchdog sweeps what is left of it, then exits. Wait for it
                 # (bounded) so the ranks' exits are in when they are reaped.
                 watchdog_gone = self._watchdog.release()
-                await asyncio.wait([watchdog_gone], timeout=_SWEEP_TIMEOUT)
-                await asyncio.sleep(0)  # the ranks' exit callbacks, if just queued
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_SWEEP_TIMEOUT):
+                        await asyncio.shield(watchdog_gone)
+                        await self._wait_dead(killer, use_deadline=False)
                 with contextlib.suppress(OSError):  # once more: the failure may have passed
                     self._reap_orphans(killer, None)
             killer.close()
