@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -343,3 +344,43 @@ def test_groups_on_two_threads_share_a_backed_up_console(tmp_path: Path) -> None
         assert prefix in ("[0]", "[1]"), line[:80]
         assert body.endswith("-end"), line[-80:]
         assert len(body) in range(206, 214), line[:80]
+
+
+def test_console_backlog_outlives_the_loop_that_watched_it() -> None:
+    """Regression (CI): the loop watching a backed-up console ends (its group closed on
+    another thread) while bytes queued by another loop are still pending: the next write
+    or close on a live loop takes the console over, and every byte arrives."""
+    read_end, write_end = os.pipe()
+    chunk = b"x" * 99 + b"\n"
+    expected = chunk * 6000
+    received = bytearray()
+
+    def read_all() -> None:  # until every byte came, or the console's writers closed
+        while len(received) < len(expected) and (data := os.read(read_end, 1 << 16)):
+            received.extend(data)
+
+    reader = threading.Thread(target=read_all, daemon=True)
+    target = open(write_end, "wb", buffering=0)  # noqa: SIM115 (closed in finally)
+    console = Console.create(stdout=target, stderr=target, color=False)
+    try:
+
+        async def first_group() -> None:  # its bytes wait on its loop, which then ends
+            console.stdout.write(chunk * 3000)
+
+        thread = threading.Thread(target=asyncio.run, args=(first_group(),))
+        thread.start()
+        thread.join()
+
+        async def second_group() -> None:
+            console.stdout.write(chunk * 3000)
+            reader.start()
+            await console.wait_flushed(give_up_after=10.0)
+
+        asyncio.run(second_group())
+    finally:
+        console.close()
+        target.close()  # the reader sees EOF if bytes are missing
+        reader.join(timeout=30)
+        os.close(read_end)
+    assert len(received) == len(expected)
+    assert bytes(received) == expected

@@ -77,6 +77,10 @@ class _Writer:
         self.dropped = 0
         self.broken: BaseException | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        #: Loops that have the descriptor registered (the owner, and former owners
+        #: that have not yet removed theirs); it is closed only once none has.
+        self.watched: set[asyncio.AbstractEventLoop] = set()
+        self.closing = False
         self.readers: dict[_Reader, asyncio.AbstractEventLoop] = {}
         self.lock = threading.RLock()
         self.paused = False
@@ -105,6 +109,8 @@ class _Writer:
                 self.done += len(data)
                 return True
             self.pending += data
+            if not _alive(self.loop):
+                self._arm()  # the loop that watched the console stopped: take over
         else:
             try:
                 written = os.write(self.fd, data)
@@ -124,20 +130,76 @@ class _Writer:
                 _on_loop(loop, reader.pause)
         return True
 
-    def _arm(self) -> None:
-        if self.loop is not None and self.loop.is_closed():
-            self.loop = None  # armed on a loop that is gone: take it over
-        if self.loop is None:
-            self.loop = asyncio.get_running_loop()
-            self.loop.add_writer(self.fd, self._on_writable)
+    # -- which event loop watches the descriptor --------------------------------
+    # Exactly one loop at a time (``self.loop``) has the descriptor registered
+    # for writability while bytes are pending. It is whichever loop queued them
+    # last, unless a close on another loop waits for the console (it then takes
+    # the registration), or the owning loop stopped or is letting go of the
+    # console (it then hands the registration to a loop that still pumps into
+    # it). A registration left behind on another loop is removed lazily, by
+    # that loop itself, the next time it sees it.
+    def _arm(self, take: bool = False) -> None:
+        """Watch the descriptor from the running loop, if no live loop does (or ``take``)."""
+        loop = asyncio.get_running_loop()
+        if self.loop is loop or not (take or not _alive(self.loop)):
+            return
+        old, self.loop = self.loop, loop
+        loop.add_writer(self.fd, self._on_writable, loop)
+        self.watched.add(loop)
+        if old is not None:
+            _on_loop(old, lambda: self._unwatch(old))
+
+    def _unwatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On ``loop``: drop its registration unless it is (again) the owner."""
+        with self.lock:
+            if self.loop is not loop and loop in self.watched:
+                loop.remove_writer(self.fd)
+                self.watched.discard(loop)
+                self._close_if_unwatched()
+
+    def close(self) -> None:
+        """The last user let go: drop the queue, close once no loop watches the descriptor."""
+        with self.lock:
+            self.closing = True
+            self._drop_pending()
+            self._close_if_unwatched()
+
+    def _close_if_unwatched(self) -> None:
+        # A closed loop's registrations went with its selector.
+        self.watched = {loop for loop in self.watched if not loop.is_closed()}
+        if self.closing and not self.watched and self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
     def _disarm(self) -> None:
+        """Nothing pending: no loop watches the descriptor any more."""
         loop, self.loop = self.loop, None
-        if loop is not None and not loop.is_closed():
-            _on_loop(loop, lambda: loop.remove_writer(self.fd))
+        if loop is not None:
+            _on_loop(loop, lambda: self._unwatch(loop))
 
-    def _on_writable(self) -> None:
+    def leave(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """``loop`` stops using the console: hand its registration to a loop that still does."""
         with self.lock:
+            if loop is None or self.loop is not loop:
+                return
+            self._disarm()
+            if not self.pending:
+                return
+            for other in set(self.readers.values()):
+                if other is not loop and _alive(other):
+                    _on_loop(other, self._claim)
+                    return
+
+    def _claim(self) -> None:
+        with self.lock:
+            if self.pending:
+                self._arm()
+
+    def _on_writable(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self.lock:
+            if self.loop is not loop:
+                self._unwatch(loop)  # a registration this loop handed over
+                return
             self._flush_some()
 
     def _flush_some(self) -> None:
@@ -197,6 +259,9 @@ class _Writer:
             while self.done < target:
                 waiter[1].clear()
                 before = self.done
+                with self.lock:
+                    if self.pending:
+                        self._arm(take=True)  # progress must not hang on another loop
                 try:
                     await asyncio.wait_for(waiter[1].wait(), give_up_after)
                 except TimeoutError:
@@ -234,7 +299,15 @@ def _on_loop(loop: asyncio.AbstractEventLoop | None, fn: Callable[[], object]) -
     if running is loop:
         fn()
     else:
-        loop.call_soon_threadsafe(fn)
+        try:
+            loop.call_soon_threadsafe(fn)
+        except RuntimeError:
+            pass  # closed meanwhile: its registrations went with its selector
+
+
+def _alive(loop: asyncio.AbstractEventLoop | None) -> bool:
+    """Whether ``loop`` runs (so a descriptor registered on it gets served)."""
+    return loop is not None and loop.is_running() and not loop.is_closed()
 
 
 _WRITERS: dict[tuple[int, int], _Writer] = {}
@@ -266,13 +339,16 @@ def _writer_for(target: object) -> _Writer | None:
 
 
 def _release_writer(writer: _Writer) -> None:
+    try:
+        writer.leave(asyncio.get_running_loop())
+    except RuntimeError:
+        pass  # released outside any loop: a writing or closing user re-arms it
     with _WRITERS_GUARD:
         writer.refs -= 1
         if writer.refs > 0:
             return
         del _WRITERS[writer.key]
-    writer.drop_pending()
-    os.close(writer.fd)
+    writer.close()
 
 
 @dataclass(slots=True, eq=False)
