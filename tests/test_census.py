@@ -7,8 +7,10 @@ the fallback to full walks, with real processes.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from typing import TYPE_CHECKING
 
 import pytest
@@ -330,3 +332,88 @@ async def test_full_walks_alone_still_contain(
     """Without the counters (a full walk every time), descendants are found and ended the same."""
     monkeypatch.setattr(_reap, "_COUNTERS_OK", False)
     await _end_in_process("command", "close", shape, tmp_path)
+
+
+# -- a process in the middle of an execve -------------------------------------------------
+
+
+def test_an_execve_shows_its_arguments_before_its_environment_and_runs_meanwhile() -> None:
+    """The kernel fact ``_after_exec`` rests on: between showing its new arguments and
+    its new environment, a process in ``execve`` is running (R) or in the kernel (D).
+    A huge environment makes that copy last long enough to be caught from another CPU;
+    on a machine too busy to catch it within a few seconds the test cannot tell."""
+    env = {f"CORRAL_TEST_{i}": "x" * 16 for i in range(20_000)}
+    states: list[bytes] = []
+    deadline = time.monotonic() + 5.0
+    while not states and time.monotonic() < deadline:
+        pid = os.posix_spawn("/bin/true", ["/bin/true"], env)  # returns once in execve
+        reaped = False
+        try:
+            while not reaped:
+                cmdline = _head(pid, "cmdline")
+                stat = _head(pid, "stat")
+                if cmdline and stat and _head(pid, "environ") == b"":
+                    states.append(stat[stat.rfind(b")") + 2 :][:1])
+                reaped = os.waitpid(pid, os.WNOHANG) != (0, 0)
+        finally:
+            if not reaped:
+                os.waitpid(pid, 0)
+    if not states:
+        pytest.skip("the machine is too busy to catch an execve in the act")
+    assert set(states) <= {b"R", b"D"}
+
+
+@pytest.mark.parametrize(
+    ("environ_now", "cmdline", "state", "expected"),
+    [
+        (b"", b"", b"R", None),  # before the new arguments
+        (b"", b"/bin/sleep\0", b"R", None),  # copying the environment
+        (b"", b"/bin/sleep\0", b"D", None),  # ... after a page fault
+        (b"", b"/bin/sleep\0", b"S", False),  # settled, its environment empty
+        (b"CORRAL_GROUP=t\0", b"/bin/sleep\0", b"R", True),  # through meanwhile
+        (b"A=b\0", b"/bin/sleep\0", b"R", False),  # through: not ours
+        (None, b"/bin/sleep\0", b"R", False),  # gone
+    ],
+)
+def test_a_process_without_environment_is_unsure_while_it_may_be_in_execve(
+    monkeypatch: pytest.MonkeyPatch,
+    environ_now: bytes | None,
+    cmdline: bytes,
+    state: bytes,
+    expected: bool | None,
+) -> None:
+    """Regression (stress runs): a ``setsid()`` daemon caught while the kernel copies its
+    environment shows its arguments but no token yet; it must be scanned again, not taken
+    for a stranger. ``environ_now`` is what it shows when read again, last: an exec that
+    went through meanwhile is seen with its token."""
+    files = {"cmdline": cmdline, "stat": b"7 (sleep) " + state + b" 1 7 7"}
+    monkeypatch.setattr(_watchdog, "read_environ", lambda pid: environ_now)
+    monkeypatch.setattr(_watchdog, "_head", lambda pid, name, size=1: files[name][:size])
+    assert _watchdog._after_exec(7, b"t") is expected
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"), [({}, False), ({"CORRAL_GROUP": "other:t"}, True), ({"A": "b"}, False)]
+)
+def test_a_settled_process_is_told_apart(env: dict[str, str], expected: bool) -> None:
+    """Past its execve (stopped, so neither running nor in the kernel): no longer unsure;
+    a member exactly when its environment carries the token."""
+    child = subprocess.Popen(
+        [sys.executable, "-S", "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSTOP)"],
+        env=env,
+    )
+    try:
+        _, status = os.waitpid(child.pid, os.WUNTRACED)  # the handshake: it stopped itself
+        assert os.WIFSTOPPED(status)
+        assert _watchdog._after_exec(child.pid, b"t") is expected
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _head(pid: int, name: str) -> bytes | None:
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read(64)
+    except OSError:
+        return None

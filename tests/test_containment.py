@@ -532,6 +532,33 @@ def test_a_proc_of_another_pid_namespace_is_never_used(
     assert _reap.Watchdog.start("token", 0) is None
 
 
+#: A supervisor of 8 ranks whose first rank SIGKILLs it as soon as it runs.
+KILLED_WHILE_STARTING = (
+    "import asyncio, sys, corral; "
+    "asyncio.run(corral.run(sys.argv[2:], nprocs=8, log_dir=sys.argv[1]))"
+)
+SUPERVISOR_KILLER = ["/bin/sh", "-c", '[ "$RANK" = 0 ] && kill -9 "$PPID"; exec /bin/sleep 1000']
+
+
+async def test_supervisor_killed_while_starting_ranks_leaves_nothing(tmp_path: Path) -> None:
+    """Regression (stress runs): a supervisor killed while it is still starting its ranks
+    (here by its first rank, at once) has a watchdog already, which ends what did start."""
+    with subreaper():
+        before = own_children()
+        sup = subprocess.Popen(
+            [sys.executable, "-c", KILLED_WHILE_STARTING, str(tmp_path), *SUPERVISOR_KILLER]
+        )
+        async with asyncio.timeout(30):
+            await wait_exit(sup.pid)
+        assert sup.wait() == -signal.SIGKILL
+        # Its ranks and watchdog were re-parented to us: each must end on its own.
+        t0 = time.monotonic()
+        async with asyncio.timeout(2):  # SPEC: "within about a second"
+            orphans = await reap_new_children(before)
+        print(f"{len(orphans)} orphans ended {time.monotonic() - t0:.3f}s after the SIGKILL")
+    assert orphans, "the supervisor was killed before it started anything"
+
+
 async def test_watchdog_kills_the_group_of_an_abandoned_pipe(tmp_path: Path) -> None:
     """The watchdog ends the group when its pipe closes (what ``Group.__del__`` relies on).
 

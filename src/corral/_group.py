@@ -52,7 +52,7 @@ CONSOLE_STALL: Final = 2.0
 _SWEEP_TIMEOUT: Final = 5.0
 #: How many kill-and-rescan rounds before giving up on a process that keeps forking.
 _KILL_ROUNDS: Final = 20
-#: Pause before rescanning when a child of ours was caught in the middle of an execve.
+#: Pause before rescanning when a child of ours may be in the middle of an execve.
 _UNSURE_RETRY: Final = 0.002
 
 
@@ -339,6 +339,12 @@ class Group:
                 # Plain prefixes, exactly as formatted: colour is the CLI's choice.
                 console = self._console = Console.create(color=False)
                 self._owns_console = True
+            # Before any rank: a supervisor killed right after starting one
+            # must already have a watchdog (it finds ranks by their token
+            # until it is told their pids). Nothing waits for it to be ready.
+            watchdog = self._watchdog = _reap.Watchdog.start(plan.token, self._since)
+            if watchdog is not None:
+                census.own(watchdog.pid)
             for r in self._ranks:
                 rp = r.plan
                 outcome = start_rank(plan, rp)
@@ -368,11 +374,7 @@ class Group:
                     pending.append(
                         asyncio.ensure_future(open_pump(rp.rank, name, pipe, path, stream, prefix))
                     )
-            # Started after the ranks, so its own start-up (a few ms of CPU)
-            # does not delay theirs; nothing waits for it to be ready.
-            watchdog = self._watchdog = _reap.Watchdog.start(plan.token, self._since)
             if watchdog is not None:
-                census.own(watchdog.pid)
                 watchdog.add_ranks(loop, [r.pid for r in self._ranks if r.pid is not None])
             census.check()
             # Off the start's critical path, and never for a group shorter than
@@ -528,6 +530,7 @@ class Group:
         # SIGKILL what remains; rescan until a scan finds no live member
         #    after every rank is dead (one scan when all went on SIGTERM).
         table = None
+        unsure: set[int] = set()
         for _ in range(_KILL_ROUNDS):
             for r in self._ranks:
                 _killpg(r, signal.SIGKILL, held=True)
@@ -535,15 +538,18 @@ class Group:
             killer.forget_untracked()
             await self._wait_dead(killer, use_deadline=False)
             table = self._table()
-            unsure: set[int] = set()
+            unsure = set()
             if not killer.add(self._scan(table, unsure)) and not any(r.alive for r in self._ranks):
                 if not unsure:
                     break
-                # A child of ours is mid-execve, its environment unreadable:
-                # look again once the exec is through (rare, bounded).
+                # A child of ours may be mid-execve, its environment not set
+                # up yet: look again once the exec is through (rare, bounded).
                 await asyncio.sleep(_UNSURE_RETRY)
         else:
-            _log.error("corral: processes of %s kept appearing after SIGKILL", self)
+            if unsure:  # children with an empty environment of their own, most likely
+                _log.debug("corral: children %s never showed an environment", sorted(unsure))
+            else:
+                _log.error("corral: processes of %s kept appearing after SIGKILL", self)
         return table
 
     def _table(self) -> dict[int, _watchdog.Stat]:

@@ -119,24 +119,34 @@ def proc_table(skip: Collection[int] = ()) -> dict[int, Stat]:
 
 
 def has_token(pid: int, token: bytes) -> bool:
-    """True when ``pid``'s initial environment has ``token`` in ``CORRAL_GROUP``.
+    """True when ``pid``'s initial environment has ``token`` in ``CORRAL_GROUP``."""
+    environ = read_environ(pid)
+    return environ is not None and carries(environ, token)
 
-    The value is a ``:``-separated list: a group started from inside another
-    group's rank carries both tokens.
-    """
+
+def read_environ(pid: int) -> bytes | None:
+    """``pid``'s initial environment (empty for a moment during ``execve``); None if gone."""
     try:
         fd = os.open(f"/proc/{pid}/environ", _READ_FLAGS)
     except OSError:
-        return False
+        return None
     try:
         chunks = []
         while chunk := os.read(fd, 65536):
             chunks.append(chunk)
     except OSError:
-        return False
+        return None
     finally:
         os.close(fd)
-    environ = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def carries(environ: bytes, token: bytes) -> bool:
+    """True when ``environ`` has ``token`` in ``CORRAL_GROUP``.
+
+    The value is a ``:``-separated list: a group started from inside another
+    group's rank carries both tokens.
+    """
     start = environ.find(GROUP_KEY)
     while start >= 0:
         if start == 0 or environ[start - 1] == 0:
@@ -171,12 +181,18 @@ def members(
             ``parent`` is invisible then. The caller scans again shortly.
     """
     found: set[int] = set()
+    empty: list[int] = []  # young processes that showed no environment at all
     for pid, st in table.items():
         # The token is new: no process older than the group can carry it.
-        if st.starttime >= since and (
-            st.sid in sessions or (not st.zombie and has_token(pid, token))
-        ):
+        if st.starttime < since:
+            continue
+        if st.sid in sessions:
             found.add(pid)
+        elif not st.zombie and (environ := read_environ(pid)) is not None:
+            if carries(environ, token):
+                found.add(pid)
+            elif not environ:
+                empty.append(pid)
     # Children of members are members, even with a cleared environment.
     roots = found | (set(sessions) & table.keys())
     frontier = list(roots)
@@ -191,28 +207,53 @@ def members(
                 frontier.append(child)
     if unsure is not None:
         parent, into = unsure
-        for pid, st in table.items():
-            if (
-                (st.ppid == parent or (parent == 0 and st.ppid != _KTHREADD))
-                and pid not in found
-                and not st.zombie
-                and st.starttime >= since
-                and _exec_in_progress(pid)
-            ):
+        for pid in empty:
+            ppid = table[pid].ppid
+            if pid in found or not (ppid == parent or (parent == 0 and ppid != _KTHREADD)):
+                continue
+            settled = _after_exec(pid, token)
+            if settled is None:
                 into.add(pid)
+            elif settled:
+                found.add(pid)  # its exec went through meanwhile: the token shows now
     return found - set(exclude)
 
 
-def _exec_in_progress(pid: int) -> bool:
-    """True when ``pid`` shows neither arguments nor environment (as during ``execve``)."""
-    for name in ("environ", "cmdline"):
-        try:
-            with open(f"/proc/{pid}/{name}", "rb") as f:
-                if f.read(1):
-                    return False
-        except OSError:
-            return False
-    return True
+def _after_exec(pid: int, token: bytes) -> bool | None:
+    """For a process that showed no environment: whether it carries ``token`` now,
+    or None while it may still be in the middle of an ``execve``.
+
+    An ``execve`` shows first neither arguments nor environment, then, while
+    the kernel copies the environment onto the new stack, the arguments only
+    (for as long as that copy takes, a page fault or a preemption included).
+    A process whose own environment is empty looks like the second state, so
+    that one counts only while the process runs or waits in the kernel (R, D).
+    The environment is read last: if it is still empty then, the exec was not
+    through when the arguments and the state were read.
+    """
+    cmdline = _head(pid, "cmdline")
+    stat = _head(pid, "stat", 4096)
+    environ = read_environ(pid)
+    if environ is None or cmdline is None or stat is None:
+        return False  # gone
+    if environ:
+        return carries(environ, token)
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return None if not cmdline or state in (b"R", b"D") else False
+
+
+def _head(pid: int, name: str, size: int = 1) -> bytes | None:
+    """The first ``size`` bytes of ``/proc/PID/name``; None when it cannot be read."""
+    try:
+        fd = os.open(f"/proc/{pid}/{name}", _READ_FLAGS)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def boot_ticks() -> int:
