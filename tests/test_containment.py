@@ -559,6 +559,21 @@ async def test_supervisor_killed_while_starting_ranks_leaves_nothing(tmp_path: P
     assert orphans, "the supervisor was killed before it started anything"
 
 
+@pytest.mark.skipif(not _reap._GATE, reason="no /bin/sh: the watchdog starts ungated")
+async def test_watchdog_interpreter_waits_until_the_ranks_are_started() -> None:
+    """The watchdog is spawned before the first rank, but its interpreter's start-up
+    (CPU the ranks need) waits at the gate until it is told the ranks."""
+    watchdog = _reap.Watchdog.start("gate-token", _watchdog.boot_ticks())
+    assert watchdog is not None
+    try:
+        argv = list(watchdog._popen.args)  # type: ignore[arg-type]
+        gate = argv.index("/bin/sh")
+        assert argv[gate + 1 : gate + 3] == ["-c", 'read -r _; exec "$0" "$@"']
+        assert argv[gate + 3] == sys.executable
+    finally:
+        await watchdog.stop_soon()
+
+
 async def test_watchdog_kills_the_group_of_an_abandoned_pipe(tmp_path: Path) -> None:
     """The watchdog ends the group when its pipe closes (what ``Group.__del__`` relies on).
 

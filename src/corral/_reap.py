@@ -111,6 +111,15 @@ def _nice_prefix() -> list[str]:
 
 
 _NICE_PATHS: Final = ("/usr/bin/nice", "/bin/nice")
+
+#: The watchdog is started before the first rank, so that no rank ever lives
+#: without one; but its interpreter's start-up (~7 ms of CPU) would then
+#: compete with the ranks' own. A shell holds it at this gate, blocked on the
+#: pipe, until the supervisor's first line (sent once the ranks are started)
+#: or end of file (the supervisor died): then it ``exec``s the interpreter.
+_GATE: Final = (
+    ["/bin/sh", "-c", 'read -r _; exec "$0" "$@"'] if os.access("/bin/sh", os.X_OK) else []
+)
 #: Errors that mean nice(1) cannot run here at all (not a passing shortage).
 _NICE_BROKEN: Final = frozenset(
     {errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.EPERM}
@@ -723,15 +732,17 @@ def reap_zombie_children(
 class Watchdog:
     """The supervisor's end of a group's watchdog process (see ``_watchdog``).
 
-    It is started before the first rank and told each rank's pid; nothing
-    waits for it to be ready (the pipe holds the pids until it reads them, and
-    a watchdog that starts after the supervisor died still finds the group).
+    It is started before the first rank (held at ``_GATE`` until the ranks
+    are started) and told each rank's pid; nothing waits for it to be ready
+    (the pipe holds the pids until it reads them, and a watchdog that starts
+    after the supervisor died still finds the group).
     """
 
     def __init__(self, popen: subprocess.Popen[bytes], fd: int) -> None:
         self._popen = popen
         self._fd: int | None = fd
         self._pending = b""
+        self._opened = False
         self._writer_loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -748,7 +759,7 @@ class Watchdog:
         """
         if not (_platform.HAS_PROC and _platform.HAS_PIDFD) or not sys.executable:
             return None
-        program = [sys.executable, "-I", "-S", "-c", _WATCHDOG_MAIN]
+        program = [*_GATE, sys.executable, "-I", "-S", "-c", _WATCHDOG_MAIN]
         program += [str(os.getpid()), token, str(since)]
         read_end, write_end = os.pipe()
         try:
@@ -775,6 +786,9 @@ class Watchdog:
         """Tell the watchdog about ranks (never blocks: a full pipe is flushed by the loop)."""
         if self._fd is None:
             return
+        if not self._opened:  # an empty line opens the gate (the interpreter ignores it)
+            self._opened = True
+            self._pending += b"\n"
         self._pending += b"".join(b"%d\n" % pid for pid in pids)
         if self._writer_loop is None:
             self._flush()

@@ -5,7 +5,8 @@ If the supervising process dies without closing its group (SIGKILL, a crash,
 re-parented and live on. So every group on Linux has one small helper
 process, started by the supervisor with ``python -I -S`` importing this file
 as a top-level module from its folder (no ``site``, no corral import, its
-cached bytecode: about 7 ms of CPU, a few MB), in a
+cached bytecode: about 7 ms of CPU, a few MB; a shell holds it back until
+the ranks are started, see ``_reap._GATE``), in a
 session of its own (a ``killpg`` of the ranks or a terminal's SIGINT does not
 reach it). The supervisor feeds it the ranks' pids through a pipe, one decimal
 pid per line. It waits, doing nothing, for either:
