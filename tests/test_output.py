@@ -384,3 +384,53 @@ def test_console_backlog_outlives_the_loop_that_watched_it() -> None:
         os.close(read_end)
     assert len(received) == len(expected)
     assert bytes(received) == expected
+
+
+class _PumpSpy:
+    """Stands for a pump's transport: the console pauses and resumes it."""
+
+    paused = False
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+
+async def test_a_closing_group_leaves_the_console_backlog_to_a_group_on_its_loop() -> None:
+    """Regression (review): two groups on one loop share the console; one closes while the
+    other's backlog has its pump paused. The console must keep being watched on that loop,
+    or the paused pump never resumes and that group's ranks block for ever."""
+    read_end, write_end = os.pipe()
+    target = open(write_end, "wb", buffering=0)  # noqa: SIM115 (closed in finally)
+    first = Console.create(stdout=target, stderr=target, color=False)
+    second = Console.create(stdout=target, stderr=target, color=False)
+    pump = _PumpSpy()
+    second.stdout.attach(pump)
+    line = b"x" * 1023 + b"\n"
+    loop = asyncio.get_running_loop()
+    received = bytearray()
+    drained = asyncio.Event()
+
+    def on_readable() -> None:
+        received.extend(os.read(read_end, 1 << 16))
+        if len(received) >= 2048 * len(line):
+            drained.set()
+
+    try:
+        for _ in range(2048):  # 2 MiB into a console nobody reads yet
+            second.stdout.write(line)
+        assert pump.paused
+        first.close()  # the first group lets go of the console
+        loop.add_reader(read_end, on_readable)  # now the console is read again
+        async with asyncio.timeout(10):
+            await drained.wait()
+        assert bytes(received) == line * 2048
+        assert not pump.paused
+    finally:
+        loop.remove_reader(read_end)
+        second.stdout.detach(pump)
+        second.close()
+        target.close()
+        os.close(read_end)

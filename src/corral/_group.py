@@ -568,7 +568,9 @@ class Group:
         unsure: set[int] | None = None,
     ) -> list[_reap.Member]:
         sessions = self._held_pids()
-        return _reap.scan(self._plan.token, sessions, self._since, sessions, table, unsure)
+        # The watchdog is never a member; starting, it shows no environment yet.
+        exclude = [*sessions, self._watchdog.pid] if self._watchdog is not None else sessions
+        return _reap.scan(self._plan.token, sessions, self._since, exclude, table, unsure)
 
     async def _wait_dead(self, killer: _Killer, *, use_deadline: bool) -> None:
         """Wait until no rank and no tracked descendant is alive (or the deadline passes)."""

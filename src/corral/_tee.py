@@ -10,6 +10,7 @@ event loop (see ``ConsoleStream``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -165,8 +166,15 @@ class _Writer:
             self._close_if_unwatched()
 
     def _close_if_unwatched(self) -> None:
-        # A closed loop's registrations went with its selector.
-        self.watched = {loop for loop in self.watched if not loop.is_closed()}
+        for loop in list(self.watched):
+            if loop.is_closed():
+                self.watched.discard(loop)  # its registrations went with its selector
+            elif not loop.is_running():
+                # Stopped: a callback posted to it may never run (closing a loop
+                # drops its queue). Nothing runs it now: remove the watch here.
+                with contextlib.suppress(Exception):
+                    loop.remove_writer(self.fd)
+                self.watched.discard(loop)
         if self.closing and not self.watched and self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
@@ -178,17 +186,16 @@ class _Writer:
             _on_loop(loop, lambda: self._unwatch(loop))
 
     def leave(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        """``loop`` stops using the console: hand its registration to a loop that still does."""
+        """A user on ``loop`` lets go: if it watched a backlog and no pump on ``loop``
+        feeds the console any more, hand the watch to a loop where one still does."""
         with self.lock:
-            if loop is None or self.loop is not loop:
+            if loop is None or self.loop is not loop or not self.pending:
                 return
+            pumping = {other for other in self.readers.values() if _alive(other)}
+            if loop in pumping or not pumping:
+                return  # still used here, or by nobody else: keep watching here
             self._disarm()
-            if not self.pending:
-                return
-            for other in set(self.readers.values()):
-                if other is not loop and _alive(other):
-                    _on_loop(other, self._claim)
-                    return
+            _on_loop(next(iter(pumping)), self._claim)
 
     def _claim(self) -> None:
         with self.lock:

@@ -210,7 +210,9 @@ def members(
         parent, into = unsure
         for pid in empty:
             ppid = table[pid].ppid
-            if pid in found or not (ppid == parent or (parent == 0 and ppid != _KTHREADD)):
+            if pid in found or pid in exclude:
+                continue
+            if not (ppid == parent or (parent == 0 and ppid != _KTHREADD)):
                 continue
             settled = _after_exec(pid, token)
             if settled is None:
