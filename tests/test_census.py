@@ -217,7 +217,8 @@ def test_counters_mounted_over_are_not_used(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_a_walk_rereads_no_process_known_to_be_old(monkeypatch: pytest.MonkeyPatch) -> None:
     """After a first walk, only young or new processes are read: old ones are known by
-    the inode of their /proc entry, which a recycled pid does not keep."""
+    the inode of their /proc entry, which a recycled pid does not keep (kernel 6.14+)."""
+    monkeypatch.setattr(_reap, "_INODES_SAFE", True)
     entries = [(1, 11), (500, 50), (600, 60)]
     stats = {1: OLD, 500: OLD, 600: YOUNG}
     reads: list[int] = []
@@ -251,7 +252,8 @@ def test_a_pid_handed_out_since_the_last_walk_is_read_whatever_its_inode(
 ) -> None:
     """A pid the cursor handed out since the last walk may be a new process showing the
     old one's /proc inode for a moment (kernels 5.7-6.14): it is read. Inode 1 (none
-    could be made) is never trusted."""
+    could be made) is never trusted. Before 6.14 the inode alone never decides."""
+    monkeypatch.setattr(_reap, "_INODES_SAFE", True)
     entries = [(500, 50), (700, 1)]
     reads: list[int] = []
     clock = {"cursor": 400}
@@ -277,6 +279,9 @@ def test_a_pid_handed_out_since_the_last_walk_is_read_whatever_its_inode(
     assert walk_reads(520) == [500, 700]  # 401..520 handed out: 500 may be new
     assert walk_reads(520) == [700]
     assert walk_reads(300) == [700]  # a wrap: the range is unknown, the inode decides
+    monkeypatch.setattr(_reap, "_INODES_SAFE", False)  # a kernel before 6.14
+    assert walk_reads(310) == [700]  # the cursor's range still decides
+    assert walk_reads(200) == [500, 700]  # a wrap: without trusted inodes, read
 
 
 def test_a_real_walk_reads_only_young_and_new_processes(monkeypatch: pytest.MonkeyPatch) -> None:

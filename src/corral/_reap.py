@@ -213,6 +213,21 @@ _SEEN: dict[int, tuple[int, int]] = {}
 _SEEN_AT: Counters | None = None
 
 
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        found = tuple(int(part) for part in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return found >= (major, minor)
+
+
+#: Whether the inode of ``/proc/PID`` alone proves a pid was not recycled. From
+#: 5.7 to 6.14 the kernel freed a pid a moment before dropping its ``/proc``
+#: entry: a new process given that pid then could show the old inode. There,
+#: only the pid cursor's range (a recent last walk) lets a walk skip a process.
+_INODES_SAFE: Final = _kernel_at_least(6, 14)
+
+
 def _proc_entries() -> list[tuple[int, int]]:
     """``(pid, inode of /proc/PID)`` of every process, from one read of ``/proc``."""
     with os.scandir("/proc") as entries:
@@ -230,15 +245,11 @@ def walk(since: int, at: Counters | None = None) -> dict[int, _watchdog.Stat]:
 
     * the pid is outside the range the pid cursor handed out since that walk
       (:class:`Counters`; only while no lap of the free pids was possible),
-      or, past that,
+      or, past that and only on kernels from 6.14 on (:data:`_INODES_SAFE`),
     * the inode of ``/proc/PID`` (given free by the listing) is the same: a
       new process under a recycled pid has a new ``struct pid``, so a new
       inode. (Inode 1 is what the kernel reports when it could not make one:
-      never trusted. Between 5.7 and 6.14 the kernel freed a pid a moment
-      before dropping its ``/proc`` entry, so a process given that very pid
-      in that moment could show the old inode to a listing made then; the
-      cursor rule above, used whenever the last walk is recent, has no such
-      gap.)
+      never trusted.)
 
     So a walk after the first one in a process costs one listing plus one
     read per young (or new) process, whatever the machine runs.
@@ -266,7 +277,9 @@ def walk(since: int, at: Counters | None = None) -> dict[int, _watchdog.Stat]:
             and known[1] < since
             and known[0] == ino
             and ino > 1
-            and (handed_out is None or not handed_out[0] < pid <= handed_out[1])
+            and (
+                not handed_out[0] < pid <= handed_out[1] if handed_out is not None else _INODES_SAFE
+            )
         ):
             now[pid] = known
             continue
@@ -400,10 +413,7 @@ def _counters_usable() -> bool:
     if _COUNTERS_OK is None:
         # /proc must show this process's own pid namespace, or its pids (and
         # the cursor's) mean something else.
-        try:
-            same_ns = _platform.HAS_PROC and os.readlink("/proc/self") == str(os.getpid())
-        except OSError:
-            same_ns = False
+        same_ns = _platform.HAS_PROC  # which already means: this pid namespace's /proc
         if same_ns:
             # A file mounted over the kernel's (LXCFS serves a loadavg of its
             # own, refreshed every few seconds) is not the kernel's counter.

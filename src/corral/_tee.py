@@ -142,7 +142,7 @@ class _Writer:
     def _arm(self, take: bool = False) -> None:
         """Watch the descriptor from the running loop, if no live loop does (or ``take``)."""
         loop = asyncio.get_running_loop()
-        if self.loop is loop or not (take or not _alive(self.loop)):
+        if self.loop is loop or (_alive(self.loop) and not take):
             return
         old, self.loop = self.loop, loop
         loop.add_writer(self.fd, self._on_writable, loop)
