@@ -434,3 +434,65 @@ async def test_a_closing_group_leaves_the_console_backlog_to_a_group_on_its_loop
         second.close()
         target.close()
         os.close(read_end)
+
+
+async def test_a_loop_that_ends_hands_the_console_backlog_to_a_loop_still_pumping() -> None:
+    """Regression (review): group A, whose loop watches the console backlog, closes and
+    its thread's loop ends, while group B's pump on another loop is paused behind that
+    backlog. The watch must pass to B's loop: without it nothing would ever write the
+    backlog or resume B's pump (B writes nothing more, and it is not closing)."""
+    read_end, write_end = os.pipe()
+    target = open(write_end, "wb", buffering=0)  # noqa: SIM115 (closed in finally)
+    first = Console.create(stdout=target, stderr=target, color=False)
+    second = Console.create(stdout=target, stderr=target, color=False)
+    line = b"x" * 1023 + b"\n"
+    resumed = threading.Event()
+
+    class Pump(_PumpSpy):
+        def resume(self) -> None:
+            super().resume()
+            resumed.set()
+
+    pump = Pump()
+    loop_b = asyncio.new_event_loop()
+    thread_b = threading.Thread(target=loop_b.run_forever)
+    thread_b.start()
+
+    async def attach() -> None:
+        second.stdout.attach(pump)
+
+    async def group_a() -> None:  # its bytes wait on its loop; then it closes
+        for _ in range(2048):
+            first.stdout.write(line)
+        first.close()
+
+    loop = asyncio.get_running_loop()
+    received = bytearray()
+    drained = asyncio.Event()
+
+    def on_readable() -> None:
+        received.extend(os.read(read_end, 1 << 16))
+        if len(received) >= 2048 * len(line):
+            drained.set()
+
+    try:
+        asyncio.run_coroutine_threadsafe(attach(), loop_b).result(timeout=10)
+        thread_a = threading.Thread(target=asyncio.run, args=(group_a(),))
+        thread_a.start()
+        thread_a.join()  # A's loop is closed now
+        assert pump.paused
+        loop.add_reader(read_end, on_readable)  # the console is read again
+        async with asyncio.timeout(10):
+            await drained.wait()
+            await asyncio.to_thread(resumed.wait, 10)
+        assert bytes(received) == line * 2048
+        assert not pump.paused
+    finally:
+        loop.remove_reader(read_end)
+        second.stdout.detach(pump)
+        loop_b.call_soon_threadsafe(loop_b.stop)
+        thread_b.join()
+        second.close()
+        loop_b.close()
+        target.close()
+        os.close(read_end)
