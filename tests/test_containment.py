@@ -559,6 +559,36 @@ async def test_supervisor_killed_while_starting_ranks_leaves_nothing(tmp_path: P
     assert orphans, "the supervisor was killed before it started anything"
 
 
+#: A supervisor of one rank; argv: LOG_DIR COMMAND...
+ONE_RANK_SUPERVISOR = (
+    "import asyncio, sys, corral; "
+    "asyncio.run(corral.run(sys.argv[2:], nprocs=1, log_dir=sys.argv[1]))"
+)
+
+
+async def test_watchdog_knows_the_first_rank_without_its_token(tmp_path: Path) -> None:
+    """The watchdog is told every rank's pid through its gate (the line that opens the
+    gate must not swallow the first pid): a rank that dropped its environment, token
+    included, is still ended through its session after the supervisor is SIGKILLed."""
+    fifo = tmp_path / "ready.fifo"
+    os.mkfifo(fifo)
+    rank = ["/usr/bin/env", "-i", "/bin/sh", "-c", f"echo $$ > {fifo}; exec /bin/sleep 1000"]
+    with subreaper():
+        before = own_children()
+        sup = subprocess.Popen([sys.executable, "-c", ONE_RANK_SUPERVISOR, str(tmp_path), *rank])
+        try:
+            rank_pid = int(await asyncio.wait_for(asyncio.to_thread(fifo.read_text), 30))
+            os.kill(sup.pid, signal.SIGKILL)
+            assert sup.wait(timeout=30) == -signal.SIGKILL
+            async with asyncio.timeout(2):  # SPEC: "within about a second"
+                await wait_exit(rank_pid)
+                await reap_new_children(before)
+        finally:
+            if sup.returncode is None:
+                sup.kill()
+                sup.wait()
+
+
 @pytest.mark.skipif(not _reap._GATE, reason="no /bin/sh: the watchdog starts ungated")
 async def test_watchdog_interpreter_waits_until_the_ranks_are_started() -> None:
     """The watchdog is spawned before the first rank, but its interpreter's start-up
