@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import sys
@@ -51,6 +52,13 @@ def _marked_pids() -> set[int]:
     return found
 
 
+def _parent_is(proc: psutil.Process, pid: int) -> bool:
+    try:
+        return proc.ppid() == pid
+    except psutil.Error:
+        return False
+
+
 def _describe(proc: psutil.Process) -> str:
     try:
         return f"{proc.pid} {proc.status()} {proc.cmdline()}"
@@ -82,12 +90,20 @@ def no_leftover_processes() -> Iterator[None]:
             p.kill()
         except psutil.Error:
             pass
-    for p in left.values():
-        try:
-            if p.ppid() == me.pid:
-                os.waitpid(p.pid, 0)
-        except (psutil.Error, ChildProcessError):
-            pass
+    # Reap ours in any order (a namespace's init is reaped only after the
+    # namespace's other processes, which may be our children too).
+    ours = {p.pid for p in left.values() if _parent_is(p, me.pid)}
+    for _ in range(100 * len(ours)):
+        if not ours:
+            break
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)  # until one of them can be reaped
+        for pid in list(ours):
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    ours.discard(pid)
+            if not psutil.pid_exists(pid):
+                ours.discard(pid)
     pytest.fail("test left processes behind:\n  " + "\n  ".join(report))
 
 

@@ -261,7 +261,7 @@ def test_rank_exiting_7_gives_7_and_a_summary(tmp_path: Path) -> None:
     """A rank exiting 7: status 7; the summary names rank, pid, code, stderr tail, log files."""
     fail = (
         "import os, sys, time\n"
-        "print('pid', os.getpid(), flush=True)\n"
+        "print('pid', os.readlink('/proc/self'), flush=True)  # the pid outside a namespace\n"
         "if os.environ['RANK'] == '1':\n"
         "    print('something went wrong on rank 1', file=sys.stderr)\n"
         "    sys.exit(7)\n"

@@ -15,12 +15,13 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from typing import TYPE_CHECKING
 
 import pytest
 
 import corral
-from corral import _platform, _watchdog
+from corral import _platform
 from corral._tee import Console
 
 from .conftest import python
@@ -30,6 +31,7 @@ from .test_containment import (
     own_children,
     rank_argv,
     survivors,
+    use_mechanism,
     wait_exit,
 )
 
@@ -83,13 +85,14 @@ async def test_close_while_rank_is_writing_and_ignores_sigterm(tmp_path: Path) -
             "import os, signal, sys\n"
             "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
             f"fd = os.open({str(hs.path)!r}, os.O_WRONLY)\n"
-            "os.write(fd, f\"{os.environ['RANK']} {os.environ['CORRAL_GROUP']} {os.getpid()}\\n\""
-            ".encode())\n"
+            "me = os.readlink('/proc/self')  # the pid outside a pid namespace\n"
+            "line = f\"{os.environ['RANK']} {os.environ['CORRAL_GROUP']} {me}\\n\"\n"
+            "os.write(fd, line.encode())\n"
             "os.close(fd)\n"
             "while True:\n"
             "    os.write(1, b'w' * 65535 + b'\\n')\n"
         )
-        since = _watchdog.boot_ticks()
+        since = time.time()
         async with asyncio.timeout(GRACE + 20):
             async with corral.spawn(
                 python(code), nprocs=2, tee="out", log_dir=tmp_path / "logs", console=console
@@ -128,7 +131,7 @@ async def test_rank_closes_stdout_early(tmp_path: Path) -> None:
 async def test_grandchild_holding_the_pipe(tmp_path: Path) -> None:
     """A setsid() grandchild holding the rank's pipe neither delays wait() nor survives it."""
     console, _, _ = _console()
-    since = _watchdog.boot_ticks()
+    since = time.time()
     with handshakes(tmp_path) as hs:
         async with asyncio.timeout(30):
             group = corral.spawn(
@@ -148,13 +151,20 @@ async def test_grandchild_holding_the_pipe(tmp_path: Path) -> None:
     assert survivors(report, since) == []
 
 
+@pytest.mark.parametrize("mechanism", ["pidns", "walk"])
 async def test_escaped_process_holding_the_pipe(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    mechanism: str,
 ) -> None:
     """A writer that escaped the group (no token, own session, parent gone) cannot hang wait().
 
-    It is not found (a documented limit): the pipe is closed after the drain timeout.
+    In the group's PID namespace nothing escapes: it dies with the group. With the
+    walk it is not found (the documented limit): the pipe is closed after the
+    drain timeout.
     """
+    use_mechanism(mechanism, monkeypatch)
     console, _, _ = _console()
     code = (
         "import os, sys\n"
@@ -177,7 +187,11 @@ async def test_escaped_process_holding_the_pipe(
             )
         assert result.ok, result.describe()
         assert (tmp_path / "logs/0/stdout.log").read_bytes() == b"rank done\n"
-        assert "still holds a rank's pipe" in caplog.text
+        if mechanism == "pidns":
+            assert "still holds a rank's pipe" not in caplog.text
+            assert own_children() - before == set(), "the escaped daemon survived"
+        else:
+            assert "still holds a rank's pipe" in caplog.text
     finally:
         for pid in own_children() - before:  # the escaped daemon, re-parented to us
             os.kill(pid, signal.SIGKILL)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -25,7 +26,6 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn
 
-from . import _reap
 from ._errors import ConfigError, CorralError
 from ._group import Group, spawn
 from ._result import signal_name
@@ -652,17 +652,11 @@ async def _run(opts: Options) -> int:
 
 async def _run_group(opts: Options, signals: _Signals) -> int:
     launch = plan_launch(opts, os.environ)
-    # corral owns this process: every child is its own, so orphans re-parented
-    # to it can be reaped without the library's caution about a host's children.
-    # (Restored after: main() also runs in-process, e.g. in tests.)
-    reap_before = _reap.REAP_ORPHAN_LEADERS
-    _reap.REAP_ORPHAN_LEADERS = True
     console = Console.create(color=_wants_color(opts.color, os.environ))
     try:
         return await _supervise(opts, signals, launch, console)
     finally:
         console.close()
-        _reap.REAP_ORPHAN_LEADERS = reap_before
 
 
 async def _supervise(opts: Options, signals: _Signals, launch: _Launch, console: Console) -> int:
@@ -680,6 +674,9 @@ async def _supervise(opts: Options, signals: _Signals, launch: _Launch, console:
         grace=opts.grace,
         console=console,
     )
+    # corral owns this process: every child is its own, so orphans re-parented
+    # to it can be reaped without the library's caution about a host's children.
+    group._plan = dataclasses.replace(group._plan, reap_orphan_leaders=True)
     async with group:
         signals.attach(group)
         result = await group.wait()

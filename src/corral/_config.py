@@ -61,6 +61,13 @@ class GroupPlan:
     cwd: Path | None
     token: str
     is_callable: bool
+    #: Contain the group in a PID namespace of its own: ``None`` where the
+    #: kernel allows it, ``True`` always (or fail), ``False`` never (walk).
+    pid_namespace: bool | None = None
+    #: Walk containment only: reap re-parented zombie session leaders that no
+    #: scan saw alive (see ``_reap.reap_zombie_children``). The CLI owns its
+    #: process and sets it; a library host may have such children of its own.
+    reap_orphan_leaders: bool = False
 
 
 def build_plan(

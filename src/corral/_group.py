@@ -11,7 +11,6 @@ finishes and every caller gets the same ``Result``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import os
@@ -20,7 +19,7 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Final
 
-from . import _platform, _reap, _watchdog
+from . import _contain, _platform
 from ._callable import load_result
 from ._config import Entrypoint, GroupPlan, RankPlan, StdSpec, _grace, build_plan
 from ._errors import ConfigError, CorralError
@@ -32,7 +31,7 @@ from ._std import Std
 from ._tee import Console
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Iterable, Mapping, Sequence
+    from collections.abc import Collection, Mapping, Sequence
     from pathlib import Path
     from types import TracebackType
 
@@ -48,12 +47,6 @@ DRAIN_TIMEOUT: Final = 0.5
 #: (the log files have it) rather than hang the close. Long enough for a slow
 #: reader starved of CPU on a loaded machine not to lose lines.
 CONSOLE_STALL: Final = 2.0
-#: Longest wait for the watchdog to sweep a group whose close failed.
-_SWEEP_TIMEOUT: Final = 5.0
-#: How many kill-and-rescan rounds before giving up on a process that keeps forking.
-_KILL_ROUNDS: Final = 20
-#: Pause before rescanning when a child of ours may be in the middle of an execve.
-_UNSURE_RETRY: Final = 0.002
 
 
 class _State(enum.IntEnum):
@@ -72,7 +65,6 @@ class _Rank:
         "exit_time",
         "pid",
         "plan",
-        "popen_returncode_sink",
         "pumps",
         "reaped",
         "returncode",
@@ -86,7 +78,6 @@ class _Rank:
         self.after_close = False
         self.exec_failed: ExecFailed | None = None
         self.pumps: list[Pump] = []
-        self.popen_returncode_sink: object = None
         #: The rank is kept a zombie after its exit until the group closes,
         #: so its pid (= its session and process-group id) stays reserved.
         self.reaped = False
@@ -99,65 +90,6 @@ class _Rank:
     def held(self) -> bool:
         """Its pid is ours (alive or an unreaped zombie): its process group can be signalled."""
         return self.pid is not None and not self.reaped
-
-
-class _Killer:
-    """Descendants being ended: pidfds and their exits, event-driven.
-
-    Every member seen is remembered with its start time (``seen``): once dead
-    its environment is unreadable, and that record is how a re-parented
-    zombie is still recognised as ours. A member that turns out to be our
-    child (re-parented to us, the subreaper) is reaped through its pidfd as
-    soon as it exits.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self.live: dict[int, tuple[_reap.Member, int | None]] = {}
-        self.seen: dict[int, int] = {}
-        self._changed = asyncio.Event()
-
-    def add(self, members: Iterable[_reap.Member]) -> list[_reap.Member]:
-        added = []
-        for m in members:
-            self.seen[m.pid] = m.starttime
-            if m.zombie or m.pid in self.live:
-                continue
-            fd = _reap.open_member(m)
-            if fd is None and _platform.HAS_PIDFD:
-                continue  # already gone
-            self.live[m.pid] = (m, fd)
-            if fd is not None:
-                self._loop.add_reader(fd, self._on_exit, m.pid)
-            added.append(m)
-        return added
-
-    def _on_exit(self, pid: int) -> None:
-        entry = self.live.pop(pid, None)
-        if entry is not None and entry[1] is not None:
-            member, fd = entry[0], entry[1]
-            self._loop.remove_reader(fd)
-            _reap.reap_member(member, fd)
-            os.close(fd)
-        self._changed.set()
-
-    def signal_all(self, sig: int) -> None:
-        for member, fd in list(self.live.values()):
-            _reap.signal_member(member, fd, sig)
-
-    def forget_untracked(self) -> None:
-        """Without pidfds, exits cannot be awaited: consider SIGKILLed members ended."""
-        for pid, (_m, fd) in list(self.live.items()):
-            if fd is None:
-                del self.live[pid]
-
-    async def changed(self) -> None:
-        await self._changed.wait()
-        self._changed.clear()
-
-    def close(self) -> None:
-        for pid in list(self.live):
-            self._on_exit(pid)
 
 
 class Group:
@@ -182,17 +114,14 @@ class Group:
         self._deadline = 0.0
         self._deadline_changed: asyncio.Event | None = None
         self._result: Result | None = None
-        self._host_children: frozenset[int] | None = None
-        self._host_note: asyncio.TimerHandle | None = None
         self._owns_console = False
         #: What poll() returned before close: close returns that same object
         #: when closing changed nothing (every rank had exited on its own).
         self._poll_result: Result | None = None
-        self._since = 0
         self._started_at = 0.0
-        self._watchdog: _reap.Watchdog | None = None
-        self._census: _reap.Census | None = None
-        self._subreaper = False
+        self._contain: _contain.Containment | None = None
+        #: The signal that starts a close (then the grace period, then SIGKILL).
+        self._first_signal: int = signal.SIGTERM
         self.nprocs: int = plan.nprocs
         self.log_dir: Path = plan.log_dir
         self.logs: dict[int, RankLogs] = {rp.rank: rp.logs for rp in plan.ranks}
@@ -294,12 +223,8 @@ class Group:
                     if not r.alive:
                         _platform.reap(r.pid)  # type: ignore[arg-type]
                         r.reaped = True
-            if self._watchdog is not None:
-                # End of file: the watchdog sweeps the rest of the group.
-                self._watchdog.abandon()
-            if self._subreaper:
-                self._subreaper = False
-                _platform.release_subreaper()
+            if self._contain is not None:
+                self._contain.abandon()
             if self._owns_console and self._console is not None:
                 self._console.close()
             warnings.warn(
@@ -326,10 +251,6 @@ class Group:
             _platform.ensure_fd_budget(_fd_budget(plan))
         except OSError as exc:
             raise CorralError(f"could not start the group: {exc.strerror}") from exc
-        self._since = _reap.boot_ticks_now()
-        self._census = census = _reap.Census(self._since)
-        self._subreaper = True
-        _platform.acquire_subreaper()
         self._started_at = time.time()
         self._state = _State.RUNNING
         console = self._console
@@ -339,15 +260,17 @@ class Group:
                 # Plain prefixes, exactly as formatted: colour is the CLI's choice.
                 console = self._console = Console.create(color=False)
                 self._owns_console = True
-            # Before any rank: a supervisor killed right after starting one
-            # must already have a watchdog (it finds ranks by their token
-            # until it is told their pids). Nothing waits for it to be ready.
-            watchdog = self._watchdog = _reap.Watchdog.start(plan.token, self._since)
-            if watchdog is not None:
-                census.own(watchdog.pid)
+            # Before any rank: no rank may live a moment uncontained.
+            contain = self._contain = _contain.open(
+                loop,
+                plan.token,
+                pid_namespace=plan.pid_namespace,
+                reap_orphan_leaders=plan.reap_orphan_leaders,
+            )
             for r in self._ranks:
                 rp = r.plan
-                outcome = start_rank(plan, rp)
+                with contain.spawning():
+                    outcome = start_rank(plan, rp)
                 if isinstance(outcome, ExecFailed):
                     r.exec_failed = outcome
                     _touch_logs(rp)  # RankLogs names these files: they exist, empty
@@ -356,9 +279,7 @@ class Group:
                     continue
                 popen = outcome.popen
                 r.pid = popen.pid
-                _reap.register_own(popen.pid)
-                census.own(popen.pid)
-                r.popen_returncode_sink = popen
+                contain.started(popen.pid)
                 self._live += 1
                 _platform.watch_exit(loop, popen.pid, _exit_callback(self, r, popen), reap=False)
                 for name, pipe, path, stream in (
@@ -374,13 +295,7 @@ class Group:
                     pending.append(
                         asyncio.ensure_future(open_pump(rp.rank, name, pipe, path, stream, prefix))
                     )
-            if watchdog is not None:
-                watchdog.add_ranks(loop, [r.pid for r in self._ranks if r.pid is not None])
-            census.check()
-            # Off the start's critical path, and never for a group shorter than
-            # a few clock ticks: which young children the host has, so close can
-            # tell a re-parented orphan from them (see _reap_orphans).
-            self._host_note = loop.call_later(_reap.HOST_NOTE_DELAY, self._note_host_children)
+            contain.all_started([r.pid for r in self._ranks if r.pid is not None])
             if pending:
                 pumps = await asyncio.gather(*pending)
                 for pump in pumps:
@@ -399,13 +314,6 @@ class Group:
             raise
         if self._live == 0:
             self._settled.set()
-
-    def _note_host_children(self) -> None:
-        if self._host_children is None and _platform.HAS_PROC and self._state < _State.CLOSING:
-            assert self._census is not None
-            self._host_children = _reap.host_children(
-                self._since, self._plan.token, self._census.full()
-            )
 
     def _on_exit(self, r: _Rank, returncode: int) -> None:
         """Called on the loop when rank ``r`` has exited and been reaped."""
@@ -456,129 +364,59 @@ class Group:
     async def _close_task(self) -> Result:
         loop = self._loop
         assert loop is not None
-        killer = _Killer(loop)
-        watchdog_gone: asyncio.Future[None] | None = None
-        if self._host_note is not None:
-            self._host_note.cancel()
+        contain = self._contain
+        ended = False
         # From now on the pumps read to the end: a backed-up console must not
         # block a rank writing its last words during the grace period.
         for r in self._ranks:
             for pump in r.pumps:
                 pump.closing()
         try:
-            # 1. Snapshot descendants first: once a rank dies its children are
-            #    re-parented and parent links no longer lead to them.
-            table: Mapping[int, _watchdog.Stat] | None = self._table()
-            unsure: set[int] = set()
-            found = self._scan(table, unsure)
-            killer.add(found)
-            # 2. Unless every rank exited on its own and nothing of the group is
-            #    left (the usual end of a good run: one walk, no signal), end it.
-            if found or unsure or any(r.alive for r in self._ranks):
-                table = await self._terminate(killer)
-            # 3. The group is dead: the watchdog has nothing left to guard.
-            #    It is SIGKILLed now and awaited last, so the kernel's teardown
-            #    of it (~0.6 ms for a Python process) overlaps with the rest.
-            if self._watchdog is not None:
-                watchdog_gone = self._watchdog.stop_soon()
-            # 4. Reap the member zombies re-parented to us (in the last scan: no
-            #    member is alive to add more); the ranks are reaped last.
-            self._reap_orphans(killer, table)
-            # 5. Drain the pumps: with every writer dead, EOF is immediate.
+            if contain is not None:  # None: the start failed before containing anything
+                contain.closing()
+                await contain.end(self, self._first_signal)
+            ended = True
+            # With every writer dead, EOF is immediate.
             await self._drain()
         finally:
-            if watchdog_gone is None and self._watchdog is not None:
-                # The close itself failed before the group was known dead: the
-                # watchdog sweeps what is left of it, then exits. Wait for it
-                # (bounded) so the ranks' exits are in when they are reaped.
-                watchdog_gone = self._watchdog.release()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_SWEEP_TIMEOUT):
-                        await asyncio.shield(watchdog_gone)
-                        await self._wait_dead(killer, use_deadline=False)
-                with contextlib.suppress(OSError):  # once more: the failure may have passed
-                    self._reap_orphans(killer, None)
-            killer.close()
+            if not ended and contain is not None:
+                await contain.abort(self)
+            if contain is not None:
+                contain.tracked.close()
             if self._owns_console and self._console is not None:
                 self._console.close()
             self._reap_ranks()
-            if self._subreaper:
-                self._subreaper = False
-                _platform.release_subreaper()
+            if contain is not None:
+                contain.release()
+                await contain.finish()
             self._state = _State.CLOSED
         result = self._build_result()
         if self._poll_result is not None and _same_outcome(self._poll_result, result):
             result = self._poll_result
-        if watchdog_gone is not None:
-            await watchdog_gone
         self._result = result
         return result
 
-    async def _terminate(self, killer: _Killer) -> Mapping[int, _watchdog.Stat] | None:
-        """SIGTERM, grace, SIGKILL and rescan until nothing of the group is alive.
-
-        Returns:
-            The last ``/proc`` walk (no member alive in it), for reaping zombies.
-        """
-        # SIGTERM every rank's process group (an exited rank's group may
-        #    still hold its children) and every descendant found.
-        for r in self._ranks:
-            _killpg(r, signal.SIGTERM, held=True)
-        killer.signal_all(signal.SIGTERM)
-        # The grace period: ends early when everything is gone.
-        await self._wait_dead(killer, use_deadline=True)
-        # SIGKILL what remains; rescan until a scan finds no live member
-        #    after every rank is dead (one scan when all went on SIGTERM).
-        table = None
-        unsure: set[int] = set()
-        for _ in range(_KILL_ROUNDS):
-            for r in self._ranks:
-                _killpg(r, signal.SIGKILL, held=True)
-            killer.signal_all(signal.SIGKILL)
-            killer.forget_untracked()
-            await self._wait_dead(killer, use_deadline=False)
-            table = self._table()
-            unsure = set()
-            if not killer.add(self._scan(table, unsure)) and not any(r.alive for r in self._ranks):
-                if not unsure:
-                    break
-                # A child of ours may be mid-execve, its environment not set
-                # up yet: look again once the exec is through (rare, bounded).
-                await asyncio.sleep(_UNSURE_RETRY)
-        else:
-            if unsure:  # children with an empty environment of their own, most likely
-                _log.debug("corral: children %s never showed an environment", sorted(unsure))
-            else:
-                _log.error("corral: processes of %s kept appearing after SIGKILL", self)
-        return table
-
-    def _table(self) -> dict[int, _watchdog.Stat]:
-        """A ``/proc`` table holding every process that can belong to the group."""
-        if self._census is None:  # the start failed before any rank
-            return _reap.snapshot()
-        return self._census.take()
-
-    def _held_pids(self) -> list[int]:
+    # -- what containment needs from the group (_contain.Ranks) ---------------------
+    def held_pids(self) -> list[int]:
         """The unreaped ranks' pids: also their sessions' ids, valid while held."""
         return [r.pid for r in self._ranks if r.pid is not None and r.held]
 
-    def _scan(
-        self,
-        table: Mapping[int, _watchdog.Stat] | None = None,
-        unsure: set[int] | None = None,
-    ) -> list[_reap.Member]:
-        sessions = self._held_pids()
-        # The watchdog is never a member; starting, it shows no environment yet.
-        exclude = [*sessions, self._watchdog.pid] if self._watchdog is not None else sessions
-        return _reap.scan(self._plan.token, sessions, self._since, exclude, table, unsure)
+    def any_alive(self) -> bool:
+        """Whether a rank has not exited yet."""
+        return any(r.alive for r in self._ranks)
 
-    async def _wait_dead(self, killer: _Killer, *, use_deadline: bool) -> None:
-        """Wait until no rank and no tracked descendant is alive (or the deadline passes)."""
+    def signal_ranks(self, sig: int) -> None:
+        """Send ``sig`` to every unreaped rank's process group."""
+        for r in self._ranks:
+            _killpg(r, sig, held=True)
+
+    async def wait_dead(self, tracked: _contain.Tracked, *, use_deadline: bool) -> None:
+        """Wait until no rank and nothing ``tracked`` is alive (or the grace deadline passes)."""
         loop = self._loop
         assert loop is not None
         assert self._exits_changed is not None
         assert self._deadline_changed is not None
-        while any(r.alive for r in self._ranks) or killer.live:
+        while any(r.alive for r in self._ranks) or tracked.live:
             timeout = None
             if use_deadline:
                 timeout = self._deadline - loop.time()
@@ -588,7 +426,7 @@ class Group:
             self._deadline_changed.clear()
             waiters = [
                 asyncio.ensure_future(self._exits_changed.wait()),
-                asyncio.ensure_future(killer.changed()),
+                asyncio.ensure_future(tracked.changed()),
             ]
             if use_deadline:
                 waiters.append(asyncio.ensure_future(self._deadline_changed.wait()))
@@ -598,27 +436,11 @@ class Group:
                 for w in waiters:
                     w.cancel()
 
-    def _reap_orphans(self, killer: _Killer, table: Mapping[int, _watchdog.Stat] | None) -> None:
-        """Reap the zombies of members re-parented to us (we are their subreaper)."""
-        sessions = self._held_pids()
-        if table is None:
-            table = self._table()
-        younger = None
-        if self._host_children is None and sessions and _platform.HAS_PROC:
-            # The ranks are held (unreaped): the table has their start tick,
-            # on the same clock as every other process's.
-            ticks = [st.starttime for pid in sessions if (st := table.get(pid))]
-            younger = min(ticks) + 1 if ticks else None
-        _reap.reap_zombie_children(
-            killer.seen, sessions, self._since, table, host=self._host_children, younger=younger
-        )
-
     def _reap_ranks(self) -> None:
         for r in self._ranks:
             if r.held and not r.alive:
                 assert r.pid is not None
                 _platform.reap(r.pid)
-                _reap.forget_own(r.pid)
                 r.reaped = True
 
     async def _drain(self) -> None:

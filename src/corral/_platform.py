@@ -6,6 +6,7 @@ Tests force the fallbacks by patching the module-level flags (``HAS_PIDFD``,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -14,14 +15,18 @@ from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
 __all__ = (
     "FOREIGN_PROC",
     "HAS_PIDFD",
     "HAS_PROC",
     "acquire_subreaper",
+    "children_of",
     "ensure_fd_budget",
+    "new_pid_namespace",
+    "pid_namespace_for_children",
+    "pid_namespaces",
     "pidfd_open",
     "release_subreaper",
     "watch_exit",
@@ -285,3 +290,99 @@ def _watch_with_thread(
             pass
 
     threading.Thread(target=run, name=f"corral-waitpid-{pid}", daemon=True).start()
+
+
+# -- PID namespaces (see ``_pidns`` for the facts) ---------------------------------
+_CLONE_NEWPID: Final = 0x20000000
+#: Whether this process may give a group a PID namespace: ``None`` until the
+#: first group asks (the probe is a real ``unshare``), then the answer. Tests
+#: set it to ``False`` to force the walk.
+HAS_PIDNS: bool | None = None if IS_LINUX else False
+_pidns_lock = threading.Lock()
+
+
+def pid_namespaces() -> bool:
+    """True when groups can have a PID namespace here (probed once, lazily).
+
+    Needs Linux, pidfds, ``/proc`` of our own namespace and ``CAP_SYS_ADMIN``
+    (``unshare(CLONE_NEWPID)`` is refused otherwise: not root, or a
+    container's seccomp filter).
+    """
+    global HAS_PIDNS
+    if HAS_PIDNS is None:
+        with _pidns_lock:
+            if HAS_PIDNS is None:
+                HAS_PIDNS = _probe_pidns()
+    return HAS_PIDNS
+
+
+def _probe_pidns() -> bool:
+    if not (HAS_PIDFD and HAS_PROC and sys.executable):
+        return False
+    try:
+        with new_pid_namespace():
+            pass
+    except OSError as exc:
+        _log.debug("corral: no pid namespace for groups: %s", exc)
+        return False
+    return True
+
+
+def _ns_call(name: str, *args: int) -> None:
+    import ctypes
+
+    try:
+        fn = getattr(_libc(), name)
+    except AttributeError as exc:  # not glibc/musl
+        raise OSError(f"no {name}() in this C library") from exc
+    if fn(*args) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{name}: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def new_pid_namespace() -> Iterator[None]:
+    """The calling thread's next child is the init of a new PID namespace (within the block).
+
+    Raises:
+        OSError: the kernel refused.
+    """
+    own = os.open("/proc/thread-self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _ns_call("unshare", _CLONE_NEWPID)
+        try:
+            yield
+        finally:
+            _ns_call("setns", own, _CLONE_NEWPID)
+    finally:
+        os.close(own)
+
+
+@contextlib.contextmanager
+def pid_namespace_for_children(ns_fd: int) -> Iterator[None]:
+    """The calling thread's children are born in namespace ``ns_fd`` (within the block)."""
+    own = os.open("/proc/thread-self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _ns_call("setns", ns_fd, _CLONE_NEWPID)
+        try:
+            yield
+        finally:
+            _ns_call("setns", own, _CLONE_NEWPID)
+    finally:
+        os.close(own)
+
+
+def children_of(pid: int) -> list[int]:
+    """The children of ``pid`` (every thread's), from ``/proc/PID/task/*/children``."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:  # gone
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                found.extend(int(c) for c in f.read().split())
+        except OSError:
+            continue
+    return found

@@ -5,7 +5,8 @@ Usage: ``contain_rank.py SHAPE FIFO``, or as a callable rank:
 as the working directory, or ``tests.children.contain_rank`` from the
 repository's root). The rank builds its shape (children,
 a setsid grandchild, ...), then writes one line to the FIFO (the handshake):
-``RANK TOKEN PID [DESCENDANT_PID ...]``, and waits for its end: SIGUSR2 exits
+``RANK TOKEN PID [DESCENDANT_PID ...]`` (pids as the test sees them), and
+waits for its end: SIGUSR2 exits
 0, SIGUSR1 exits 1, anything else is up to the shape (SIGTERM ignored, a
 daemon started on SIGTERM, ...).
 """
@@ -64,6 +65,34 @@ def _fill_pipe() -> int:
     return w
 
 
+def host_pid(pid: int) -> int:
+    """``pid`` (as this process sees it) as ``/proc`` numbers it, i.e. as the test sees it.
+
+    In a group's PID namespace a rank sees namespace-local pids, but ``/proc``
+    is still the host's: its ``NSpid`` lines map one to the other.
+    """
+    if os.readlink("/proc/self") == str(os.getpid()):
+        return pid  # no namespace of our own
+    if pid == os.getpid():
+        return int(os.readlink("/proc/self"))
+    ours = os.stat("/proc/self/ns/pid").st_ino
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}/ns/pid").st_ino != ours:
+                continue
+            with open(f"/proc/{entry}/status") as f:
+                for line in f:
+                    if line.startswith("NSpid:"):
+                        if int(line.split()[-1]) == pid:
+                            return int(entry)
+                        break
+        except OSError:
+            continue
+    raise LookupError(f"no host pid for namespace pid {pid}")
+
+
 def run_shape(shape: str, fifo: str) -> None:
     """Build ``shape``, hand-shake through ``fifo``, then wait for the end (never returns)."""
     pids: list[int] = []
@@ -90,8 +119,9 @@ def run_shape(shape: str, fifo: str) -> None:
     if shape == "fork_on_term":
         ends.add(signal.SIGTERM)
     signal.pthread_sigmask(signal.SIG_BLOCK, ends)
-    line = " ".join([os.environ["RANK"], os.environ["CORRAL_GROUP"], str(os.getpid())])
-    line += "".join(f" {p}" for p in pids) + "\n"
+    me = host_pid(os.getpid())
+    line = " ".join([os.environ["RANK"], os.environ["CORRAL_GROUP"], str(me)])
+    line += "".join(f" {host_pid(p)}" for p in pids) + "\n"
     fd = os.open(fifo, os.O_WRONLY)
     os.write(fd, line.encode())
     os.close(fd)
