@@ -1,0 +1,167 @@
+"""Containment by the kernel (issue 9): the faults the /proc walk could not close.
+
+Each test runs the group in its own PID namespace (skipped where the kernel
+refuses one: not root, or a seccomp filter). The oracle is independent of
+corral: psutil looking for a program argument unique to the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+import psutil
+import pytest
+
+import corral
+from corral import _contain, _platform
+
+from .conftest import python, watched_console
+from .test_containment import own_children, reap_new_children, subreaper, use_mechanism
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = pytest.mark.skipif(
+    not (_platform.HAS_PROC and _platform.HAS_PIDFD), reason="needs Linux /proc and pidfds"
+)
+
+
+@pytest.fixture(autouse=True)
+def _pidns(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_mechanism("pidns", monkeypatch)
+
+
+def _unique() -> str:
+    """A ``sleep`` argument no other process on the machine has (60 s and a few µs)."""
+    return f"60.{os.getpid()}{os.urandom(3).hex().translate(str.maketrans('abcdef', '123456'))}"
+
+
+def running(arg: str) -> list[int]:
+    """Pids of every process whose last argument is ``arg`` (alive or zombie)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if cmdline[-1:] == [arg]:
+            found.append(proc.info["pid"])
+    return found
+
+
+#: A supervisor: ``LOG_DIR NPROCS COMMAND...`` with the library, nothing else.
+SUPERVISOR = (
+    "import asyncio, sys, corral; "
+    "asyncio.run(corral.run(sys.argv[3:], nprocs=int(sys.argv[2]), log_dir=sys.argv[1]))"
+)
+
+
+async def test_supervisor_sigkilled_while_ranks_start_helpers(tmp_path: Path) -> None:
+    """Regression (issue 9, fault 1): 32 ranks each start 40 helpers with a cleared
+    environment (``env -i sleep &``), and the supervisor is SIGKILLed as soon as the
+    first helper runs, while ranks are still starting: no helper survives. The
+    namespace's init dies with the supervisor and the kernel ends everything in it."""
+    arg = _unique()
+    fifo = tmp_path / "first.fifo"
+    os.mkfifo(fifo)
+    rank = [
+        "/bin/sh",
+        "-c",
+        'i=0; while [ $i -lt 40 ]; do /usr/bin/env -i /bin/sleep "$1" & i=$((i+1)); '
+        '[ $i = 1 ] && [ "$RANK" = 0 ] && echo go > "$2"; done; wait',
+        "rank",
+        arg,
+        str(fifo),
+    ]
+    with subreaper():
+        before = own_children()
+        sup = subprocess.Popen([sys.executable, "-c", SUPERVISOR, str(tmp_path), "32", *rank])
+        try:
+            async with asyncio.timeout(30):
+                await asyncio.to_thread(fifo.read_text)  # the first helper runs
+            os.kill(sup.pid, signal.SIGKILL)
+            assert sup.wait(timeout=30) == -signal.SIGKILL
+            # Everything of the group was re-parented to us: the namespace's init is
+            # reaped only once every process of the namespace is (SPEC: "within
+            # about a second").
+            async with asyncio.timeout(2):
+                orphans = await reap_new_children(before)
+        finally:
+            if sup.returncode is None:
+                sup.kill()
+                sup.wait()
+    assert orphans, "the supervisor was killed before it started anything"
+    assert running(arg) == []
+
+
+#: A rank that starts a helper in a session of its own, with an environment
+#: without corral's token, every 10 ms, and says how many it started.
+FORKER = """
+import subprocess, sys, time
+n = 0
+while True:
+    subprocess.Popen(['/bin/sleep', sys.argv[1]], env={'PATH': '/usr/bin'}, start_new_session=True)
+    n += 1
+    if n == 10:
+        print('ten', flush=True)
+    time.sleep(0.01)
+"""
+
+
+async def test_close_catches_children_forked_while_it_signals() -> None:
+    """Regression (issue 9, fault 2): a rank forking setsid() helpers without the token
+    every 10 ms while the group closes leaves none behind, in ten closes out of ten."""
+    arg = _unique()
+    for _ in range(10):
+        console, out, _err = watched_console()
+        async with asyncio.timeout(30):
+            async with corral.spawn(
+                [*python(FORKER), arg], nprocs=2, tee="out", grace=2.0, console=console
+            ) as group:
+                assert isinstance(group._contain, _contain.NamespaceContainment)
+                await out.wait_for(b"ten", count=2)
+                result = await group.close()
+        assert result.terminated == {0, 1}
+        assert running(arg) == []
+
+
+async def test_a_required_namespace_that_cannot_be_made_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``CORRAL_PID_NAMESPACE=1`` where the kernel refuses one: the start fails, clearly."""
+
+    def refused() -> object:
+        raise PermissionError(1, "unshare: Operation not permitted")
+
+    monkeypatch.setattr(_contain.Namespace, "create", refused)
+    with pytest.raises(corral.CorralError, match="could not start the group"):
+        async with corral.spawn(python("pass"), nprocs=1, log_dir=tmp_path / "logs"):
+            pass
+
+
+async def test_ranks_see_namespace_pids_and_host_proc(tmp_path: Path) -> None:
+    """What a rank sees inside: its own pid counts from 2 (the init is 1), its parent is
+    outside (0), and ``/proc/self`` still resolves to the pid the supervisor knows."""
+    code = "import os; print(os.getpid(), os.getppid(), os.readlink('/proc/self'))"
+    async with corral.spawn(python(code), nprocs=2, redirects="out", log_dir=tmp_path) as g:
+        result = await g.wait()
+    assert result.ok, result.describe()
+    for rank in (0, 1):
+        pid, ppid, host = (tmp_path / str(rank) / "stdout.log").read_text().split()
+        assert int(pid) >= 2
+        assert ppid == "0"
+        assert int(host) == g.pids[rank]
+
+
+async def test_the_host_sees_its_children_outside_the_namespace(tmp_path: Path) -> None:
+    """The supervisor's own children (started by the host while a group runs) are not
+    born in the group's namespace: only the ranks are."""
+    async with corral.spawn(python("import time; time.sleep(60)"), nprocs=1, grace=0.1) as g:
+        mine = subprocess.Popen(
+            [sys.executable, "-c", "import os; print(os.getpid())"], stdout=subprocess.PIPE
+        )
+        out, _ = await asyncio.to_thread(mine.communicate, timeout=30)
+        assert int(out) == mine.pid  # its pid is the same inside and out: our namespace
+        await g.close()
