@@ -265,10 +265,12 @@ class WalkContainment(Containment):
     def started(self, pid: int) -> None:
         _reap.register_own(pid)
         self._sessions.append(pid)
+        if self._watchdog is not None:
+            self._watchdog.add_ranks(self._loop, [pid])
 
     def all_started(self, pids: list[int]) -> None:
         if self._watchdog is not None:
-            self._watchdog.add_ranks(self._loop, pids)
+            self._watchdog.open_gate()
         # Off the start's critical path, and never for a group shorter than a
         # few clock ticks: which young children the host has, so close can
         # tell a re-parented orphan from them (see _reap_orphans).

@@ -82,15 +82,15 @@ _WATCHDOG_NICE: Final = 10
 
 #: The watchdog is started before the first rank, so that no rank ever lives
 #: without one; but its interpreter's start-up (~7 ms of CPU) would then
-#: compete with the ranks' own. A shell holds it at this gate, blocked on the
-#: pipe, until the supervisor's first line (sent once the ranks are started)
-#: or end of file (the supervisor died): then it ``exec``s the interpreter.
+#: compete with the ranks' own. A shell holds it at this gate, blocked on a
+#: pipe of its own, until end of file (the supervisor closed it once the ranks
+#: were started, or died): then it ``exec``s the interpreter.
 _GATE: Final = (
     ["/bin/sh", "-c", 'read -r _; exec "$0" "$@"'] if os.access("/bin/sh", os.X_OK) else []
 )
 
 
-def _spawn_watchdog(program: list[str], stdin: int) -> subprocess.Popen[bytes]:
+def _spawn_watchdog(program: list[str], stdin: int, pids: int) -> subprocess.Popen[bytes]:
     """Start ``program``, then lower its priority.
 
     Lowered after ``Popen`` returns, and still before its interpreter runs:
@@ -102,6 +102,7 @@ def _spawn_watchdog(program: list[str], stdin: int) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         close_fds=True,
+        pass_fds=(pids,),
         start_new_session=True,
     )
     with contextlib.suppress(OSError):
@@ -362,17 +363,18 @@ def reap_zombie_children(
 class Watchdog:
     """The supervisor's end of a group's watchdog process (see ``_watchdog``).
 
-    It is started before the first rank (held at ``_GATE`` until the ranks
-    are started) and told each rank's pid; nothing waits for it to be ready
-    (the pipe holds the pids until it reads them, and a watchdog that starts
-    after the supervisor died still finds the group).
+    It is started before the first rank, held at ``_GATE`` (a shell blocked
+    reading a pipe of its own) until the ranks are started, and told each
+    rank's pid as soon as the rank exists, through a second pipe: a
+    supervisor killed between two ranks leaves a watchdog that knows every
+    rank started so far. Nothing waits for it to be ready.
     """
 
-    def __init__(self, popen: subprocess.Popen[bytes], fd: int) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], fd: int, gate: int | None) -> None:
         self._popen = popen
         self._fd: int | None = fd
+        self._gate: int | None = gate
         self._pending = b""
-        self._opened = False
         self._writer_loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -389,13 +391,15 @@ class Watchdog:
         """
         if not (_platform.HAS_PROC and _platform.HAS_PIDFD) or not sys.executable:
             return None
+        pids_read, pids_write = os.pipe()
+        gate_read, gate_write = os.pipe()
         program = [*_GATE, sys.executable, "-I", "-S", "-c", _WATCHDOG_MAIN]
-        program += [str(os.getpid()), token, str(since)]
-        read_end, write_end = os.pipe()
+        program += [str(os.getpid()), token, str(since), str(pids_read)]
         try:
-            popen = _spawn_watchdog(program, read_end)
+            popen = _spawn_watchdog(program, gate_read, pids_read)
         except OSError as exc:
-            os.close(write_end)
+            os.close(pids_write)
+            os.close(gate_write)
             _log.warning(
                 "corral: no watchdog for this group (%s): if this process is "
                 "killed, its ranks survive it",
@@ -403,24 +407,28 @@ class Watchdog:
             )
             return None
         finally:
-            os.close(read_end)
-        os.set_blocking(write_end, False)
+            os.close(pids_read)
+            os.close(gate_read)
+        os.set_blocking(pids_write, False)
         register_own(popen.pid)
-        return cls(popen, write_end)
+        return cls(popen, pids_write, gate_write)
 
     def add_ranks(self, loop: asyncio.AbstractEventLoop, pids: Iterable[int]) -> None:
         """Tell the watchdog about ranks (never blocks: a full pipe is flushed by the loop)."""
         if self._fd is None:
             return
-        if not self._opened:  # an empty line opens the gate (the interpreter ignores it)
-            self._opened = True
-            self._pending += b"\n"
         self._pending += b"".join(b"%d\n" % pid for pid in pids)
         if self._writer_loop is None:
             self._flush()
             if self._pending and self._fd is not None:
                 self._writer_loop = loop
                 loop.add_writer(self._fd, self._flush)
+
+    def open_gate(self) -> None:
+        """Let the watchdog's interpreter start (end of file at the gate)."""
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            os.close(gate)
 
     def _flush(self) -> None:
         fd = self._fd
@@ -498,6 +506,7 @@ class Watchdog:
         self._close_pipe()
 
     def _close_pipe(self) -> None:
+        self.open_gate()
         fd, self._fd = self._fd, None
         if fd is None:
             return

@@ -8,8 +8,9 @@ as a top-level module from its folder (no ``site``, no corral import, its
 cached bytecode: about 7 ms of CPU, a few MB; a shell holds it back until
 the ranks are started, see ``_reap._GATE``), in a
 session of its own (a ``killpg`` of the ranks or a terminal's SIGINT does not
-reach it). The supervisor feeds it the ranks' pids through a pipe, one decimal
-pid per line. It waits, doing nothing, for either:
+reach it). The supervisor feeds it each rank's pid as soon as the rank is
+started, through a pipe of its own (not the gate's), one decimal pid per line.
+It waits, doing nothing, for either:
 
 * the supervisor's exit (a pidfd on it turns readable), or
 * end of file on the pipe (the supervisor died, or it closed the pipe on
@@ -299,8 +300,9 @@ def _send(fd: int, sig: int) -> bool:
 
 
 class _Watch:
-    def __init__(self, supervisor: int, token: bytes, since: int) -> None:
+    def __init__(self, supervisor: int, token: bytes, since: int, pids_fd: int) -> None:
         self.supervisor = supervisor
+        self.pids_fd = pids_fd
         self.token = token
         self.since = since
         self.ranks: dict[int, int | None] = {}  # rank pid -> pidfd
@@ -339,7 +341,7 @@ class _Watch:
     def wait_for_the_end(self) -> None:
         """Block until the supervisor dies or closes the pipe, reading rank pids meanwhile."""
         poller = select.poll()
-        poller.register(0, select.POLLIN)
+        poller.register(self.pids_fd, select.POLLIN)
         if self.sup_fd is not None:
             poller.register(self.sup_fd, select.POLLIN)
         while not self.sup_gone:
@@ -347,15 +349,15 @@ class _Watch:
                 if fd == self.sup_fd:
                     self.sup_gone = True
                     continue
-                data = os.read(0, 65536)
+                data = os.read(self.pids_fd, 65536)
                 if not data:
                     return
                 self.add_ranks(data)
         # Read what the supervisor sent before it died (never block: the write
         # end may have leaked into another process).
-        os.set_blocking(0, False)
+        os.set_blocking(self.pids_fd, False)
         try:
-            while data := os.read(0, 65536):
+            while data := os.read(self.pids_fd, 65536):
                 self.add_ranks(data)
         except OSError:
             pass
@@ -433,11 +435,15 @@ def _wait_all(fds: Iterable[int]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """Run the watchdog: ``argv[1:]`` is ``SUPERVISOR_PID TOKEN SINCE_TICKS``; pids on stdin."""
+    """Run the watchdog: ``argv[1:]`` is ``SUPERVISOR_PID TOKEN SINCE_TICKS PIDS_FD``.
+
+    The ranks' pids arrive on ``PIDS_FD``, one per line, as each rank starts;
+    its end of file (the supervisor died, or let go) is the signal to act.
+    """
     for sig in (_signal.SIGINT, _signal.SIGHUP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU):
         _signal.signal(sig, _signal.SIG_IGN)
-    supervisor, token, since = int(argv[1]), argv[2].encode(), int(argv[3])
-    watch = _Watch(supervisor, token, since)
+    supervisor, token, since, pids_fd = int(argv[1]), argv[2].encode(), int(argv[3]), int(argv[4])
+    watch = _Watch(supervisor, token, since, pids_fd)
     watch.wait_for_the_end()
     watch.kill_group()
     watch.close()
