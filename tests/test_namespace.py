@@ -8,6 +8,7 @@ corral: psutil looking for a program argument unique to the test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -21,7 +22,13 @@ import corral
 from corral import _contain, _platform
 
 from .conftest import python, watched_console
-from .test_containment import own_children, reap_new_children, subreaper, use_mechanism
+from .test_containment import (
+    own_children,
+    reap_new_children,
+    subreaper,
+    use_mechanism,
+    wait_exit,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -165,3 +172,53 @@ async def test_the_host_sees_its_children_outside_the_namespace(tmp_path: Path) 
         out, _ = await asyncio.to_thread(mine.communicate, timeout=30)
         assert int(out) == mine.pid  # its pid is the same inside and out: our namespace
         await g.close()
+
+
+#: A supervisor that forks a copy of itself (no exec) once its group runs, then waits:
+#: argv FIFO; the copy's pid and the rank's are written to the FIFO.
+FORKING_SUPERVISOR = """
+import asyncio, os, sys, time, corral
+async def main():
+    code = "import os, time; print(os.readlink('/proc/self'), flush=True); time.sleep(600)"
+    async with corral.spawn([sys.executable, '-c', code], nprocs=1, redirects='out',
+                            log_dir=sys.argv[2]) as group:
+        copy = os.fork()
+        if copy == 0:
+            time.sleep(600)  # a fork of the supervisor, holding whatever it inherited
+            os._exit(0)
+        with open(sys.argv[1], 'w') as f:
+            f.write(f"{copy} {group.pids[0]}\\n")
+        await group.wait()
+asyncio.run(main())
+"""
+
+
+async def test_a_fork_of_the_supervisor_does_not_keep_the_group_alive(tmp_path: Path) -> None:
+    """A copy of the supervisor made by ``fork()`` without ``exec`` (multiprocessing's
+    "fork" start method does that) does not hold the namespace's lifeline: SIGKILL of the
+    supervisor still ends the group while the copy lives on."""
+    fifo = tmp_path / "pids.fifo"
+    os.mkfifo(fifo)
+    with subreaper():
+        before = own_children()
+        sup = subprocess.Popen(
+            [sys.executable, "-c", FORKING_SUPERVISOR, str(fifo), str(tmp_path / "logs")]
+        )
+        copy = None
+        try:
+            async with asyncio.timeout(30):
+                copy, rank = map(int, (await asyncio.to_thread(fifo.read_text)).split())
+            os.kill(sup.pid, signal.SIGKILL)
+            assert sup.wait(timeout=30) == -signal.SIGKILL
+            async with asyncio.timeout(2):
+                await wait_exit(rank)
+            assert psutil.pid_exists(copy), "the copy should still live: it is the test's point"
+        finally:
+            if sup.returncode is None:
+                sup.kill()
+                sup.wait()
+            if copy is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(copy, signal.SIGKILL)
+            async with asyncio.timeout(10):
+                await reap_new_children(before)

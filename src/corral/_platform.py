@@ -304,7 +304,8 @@ _pidns_lock = threading.Lock()
 def pid_namespaces() -> bool:
     """True when groups can have a PID namespace here (probed once, lazily).
 
-    Needs Linux, pidfds, ``/proc`` of our own namespace and ``CAP_SYS_ADMIN``
+    Needs Linux, pidfds, ``/proc`` of our own namespace, ``/bin/sh`` (the
+    init) and ``CAP_SYS_ADMIN``
     (``unshare(CLONE_NEWPID)`` is refused otherwise: not root, or a
     container's seccomp filter).
     """
@@ -317,7 +318,7 @@ def pid_namespaces() -> bool:
 
 
 def _probe_pidns() -> bool:
-    if not (HAS_PIDFD and HAS_PROC and sys.executable):
+    if not (HAS_PIDFD and HAS_PROC and os.access("/bin/sh", os.X_OK)):
         return False
     try:
         with new_pid_namespace():
