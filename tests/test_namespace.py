@@ -146,6 +146,12 @@ async def test_a_required_namespace_that_cannot_be_made_is_an_error(
     with pytest.raises(corral.CorralError, match="could not start the group"):
         async with corral.spawn(python("pass"), nprocs=1, log_dir=tmp_path / "logs"):
             pass
+    monkeypatch.undo()
+    use_mechanism("pidns", monkeypatch)
+    monkeypatch.setattr(_platform, "HAS_PIDNS", False)  # as for an ordinary user
+    with pytest.raises(corral.CorralError, match="CAP_SYS_ADMIN"):
+        async with corral.spawn(python("pass"), nprocs=1, log_dir=tmp_path / "logs2"):
+            pass
 
 
 async def test_ranks_see_namespace_pids_and_host_proc(tmp_path: Path) -> None:
@@ -222,3 +228,24 @@ async def test_a_fork_of_the_supervisor_does_not_keep_the_group_alive(tmp_path: 
                     os.kill(copy, signal.SIGKILL)
             async with asyncio.timeout(10):
                 await reap_new_children(before)
+
+
+#: A rank that runs a group of its own: its two ranks print their NSpid line.
+NESTED = (
+    "import asyncio, sys, corral\n"
+    'code = \'print(open("/proc/self/status").read().split("NSpid:")[1].split(chr(10))[0])\'\n'
+    "result = asyncio.run(corral.run([sys.executable, '-c', code], nprocs=2, tee='out'))\n"
+    "sys.exit(0 if result.ok else 1)\n"
+)
+
+
+async def test_a_group_inside_a_rank_gets_a_namespace_of_its_own(tmp_path: Path) -> None:
+    """corral used inside a rank (whose ``/proc`` is the host's, foreign to it) still
+    contains its own group in a nested namespace (``setns`` by pidfd, no ``/proc``)."""
+    result = await corral.run(python(NESTED), nprocs=1, redirects="out", log_dir=tmp_path)
+    assert result.ok, result.describe()
+    lines = (tmp_path / "0" / "stdout.log").read_text().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        # The pid as seen from the host, the outer group's namespace, the inner one's.
+        assert len(line.split(":")[-1].split()) == 3, line

@@ -32,6 +32,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -424,13 +425,20 @@ def open(
     """
     if pid_namespace is None:
         pid_namespace = _from_environment()
-    if pid_namespace is not False and (pid_namespace or _platform.pid_namespaces()):
-        try:
-            return NamespaceContainment(loop, Namespace.create())
-        except OSError as exc:
-            if pid_namespace:
-                raise
-            _log.warning("corral: no pid namespace for this group (%s): walking /proc", exc)
+    if pid_namespace is not False:
+        if _platform.pid_namespaces():
+            try:
+                return NamespaceContainment(loop, Namespace.create())
+            except OSError as exc:
+                if pid_namespace:
+                    raise
+                _log.warning("corral: no pid namespace for this group (%s): walking /proc", exc)
+        elif pid_namespace:
+            raise OSError(
+                errno.EPERM,
+                f"a PID namespace was required ({ENV}=1) but this process cannot make one "
+                "(it needs Linux, CAP_SYS_ADMIN and /bin/sh)",
+            )
     return WalkContainment(loop, token, reap_orphan_leaders=reap_orphan_leaders)
 
 

@@ -115,7 +115,7 @@ class Namespace:
         finally:
             os.close(read_end)
         try:
-            ns_fd = os.open(f"/proc/{init.pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+            ns_fd = _platform.pid_namespace_of(init.pid)  # ours until we reap it
         except OSError:
             os.close(write_end)
             init.kill()

@@ -7,6 +7,7 @@ Tests force the fallbacks by patching the module-level flags (``HAS_PIDFD``,
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -26,6 +27,7 @@ __all__ = (
     "ensure_fd_budget",
     "new_pid_namespace",
     "pid_namespace_for_children",
+    "pid_namespace_of",
     "pid_namespaces",
     "pidfd_open",
     "release_subreaper",
@@ -181,7 +183,6 @@ def ensure_fd_budget(needed: int) -> None:
                 needed,
             )
             return
-    import errno
 
     raise OSError(
         errno.EMFILE,
@@ -304,8 +305,8 @@ _pidns_lock = threading.Lock()
 def pid_namespaces() -> bool:
     """True when groups can have a PID namespace here (probed once, lazily).
 
-    Needs Linux, pidfds, ``/proc`` of our own namespace, ``/bin/sh`` (the
-    init) and ``CAP_SYS_ADMIN``
+    Needs Linux, pidfds, ``/bin/sh`` (the init), ``CAP_SYS_ADMIN`` and either
+    ``setns`` on pidfds (5.8+) or a ``/proc`` of our own namespace
     (``unshare(CLONE_NEWPID)`` is refused otherwise: not root, or a
     container's seccomp filter).
     """
@@ -318,7 +319,19 @@ def pid_namespaces() -> bool:
 
 
 def _probe_pidns() -> bool:
-    if not (HAS_PIDFD and HAS_PROC and os.access("/bin/sh", os.X_OK)):
+    global _SETNS_PIDFD
+    if not (HAS_PIDFD and os.access("/bin/sh", os.X_OK)):
+        return False
+    own = os.pidfd_open(os.getpid())
+    try:
+        _ns_call("setns", own, _CLONE_NEWPID)
+    except OSError:  # a kernel older than 5.8: namespaces by their /proc files
+        _SETNS_PIDFD = False
+    else:
+        _SETNS_PIDFD = True
+    finally:
+        os.close(own)
+    if not (_SETNS_PIDFD or HAS_PROC):
         return False
     try:
         with new_pid_namespace():
@@ -327,6 +340,21 @@ def _probe_pidns() -> bool:
         _log.debug("corral: no pid namespace for groups: %s", exc)
         return False
     return True
+
+
+#: ``setns`` takes a pidfd (Linux 5.8+): no ``/proc`` needed, so a group
+#: started inside another group's namespace (whose ``/proc`` is foreign) can
+#: have a namespace too.
+_SETNS_PIDFD = False
+
+
+def pid_namespace_of(pid: int) -> int:
+    """A descriptor ``setns(..., CLONE_NEWPID)`` accepts for the pid namespace ``pid`` is in."""
+    if _SETNS_PIDFD:
+        return os.pidfd_open(pid)
+    if not HAS_PROC:  # a foreign /proc would name another process's namespace
+        raise OSError(errno.ENOSYS, "no setns() on pidfds and no /proc of our own")
+    return os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _ns_call(name: str, *args: int) -> None:
@@ -348,7 +376,7 @@ def new_pid_namespace() -> Iterator[None]:
     Raises:
         OSError: the kernel refused.
     """
-    own = os.open("/proc/thread-self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    own = pid_namespace_of(os.getpid())
     try:
         _ns_call("unshare", _CLONE_NEWPID)
         try:
@@ -362,7 +390,7 @@ def new_pid_namespace() -> Iterator[None]:
 @contextlib.contextmanager
 def pid_namespace_for_children(ns_fd: int) -> Iterator[None]:
     """The calling thread's children are born in namespace ``ns_fd`` (within the block)."""
-    own = os.open("/proc/thread-self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    own = pid_namespace_of(os.getpid())
     try:
         _ns_call("setns", ns_fd, _CLONE_NEWPID)
         try:
@@ -374,8 +402,13 @@ def pid_namespace_for_children(ns_fd: int) -> Iterator[None]:
 
 
 def children_of(pid: int) -> list[int]:
-    """The children of ``pid`` (every thread's), from ``/proc/PID/task/*/children``."""
+    """The children of ``pid`` (every thread's), from ``/proc/PID/task/*/children``.
+
+    Empty without a ``/proc`` of this process's pid namespace.
+    """
     found: list[int] = []
+    if not HAS_PROC:
+        return found
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:  # gone
