@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 import corral
-from corral import _contain, _platform
+from corral import _contain, _pidns, _platform
 
 from .conftest import python, watched_console
 from .test_containment import (
@@ -142,7 +142,7 @@ async def test_a_required_namespace_that_cannot_be_made_is_an_error(
     def refused() -> object:
         raise PermissionError(1, "unshare: Operation not permitted")
 
-    monkeypatch.setattr(_contain.Namespace, "create", refused)
+    monkeypatch.setattr(_pidns.Namespace, "create", refused)
     with pytest.raises(corral.CorralError, match="could not start the group"):
         async with corral.spawn(python("pass"), nprocs=1, log_dir=tmp_path / "logs"):
             pass
