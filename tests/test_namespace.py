@@ -39,7 +39,7 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(autouse=True)
-def _pidns(monkeypatch: pytest.MonkeyPatch) -> None:
+def _in_a_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
     use_mechanism("pidns", monkeypatch)
 
 
