@@ -45,7 +45,6 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
 import weakref
 from typing import TYPE_CHECKING, Final
 
@@ -53,6 +52,7 @@ from . import _platform
 
 if TYPE_CHECKING:
     import asyncio
+    import subprocess
     from collections.abc import Iterable, Iterator
 
 __all__ = ("Namespace",)
@@ -102,13 +102,7 @@ class Namespace:
         read_end, write_end = os.pipe()
         try:
             with _platform.new_pid_namespace():
-                init = subprocess.Popen(
-                    INIT,
-                    stdin=read_end,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
+                init = _platform.spawn_helper(INIT, read_end)
         except BaseException:
             os.close(write_end)
             raise

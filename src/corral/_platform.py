@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import Callable, Iterator
+    import subprocess
+    from collections.abc import Callable, Iterator, Sequence
 
 __all__ = (
     "FOREIGN_PROC",
@@ -31,6 +32,7 @@ __all__ = (
     "pid_namespaces",
     "pidfd_open",
     "release_subreaper",
+    "spawn_helper",
     "watch_exit",
 )
 
@@ -369,36 +371,49 @@ def _ns_call(name: str, *args: int) -> None:
         raise OSError(err, f"{name}: {os.strerror(err)}")
 
 
-@contextlib.contextmanager
-def new_pid_namespace() -> Iterator[None]:
+def new_pid_namespace() -> contextlib.AbstractContextManager[None]:
     """The calling thread's next child is the init of a new PID namespace (within the block).
 
     Raises:
         OSError: the kernel refused.
     """
-    own = pid_namespace_of(os.getpid())
-    try:
-        _ns_call("unshare", _CLONE_NEWPID)
-        try:
-            yield
-        finally:
-            _ns_call("setns", own, _CLONE_NEWPID)
-    finally:
-        os.close(own)
+    return _pid_namespace_for_children("unshare", _CLONE_NEWPID)
+
+
+def pid_namespace_for_children(ns_fd: int) -> contextlib.AbstractContextManager[None]:
+    """The calling thread's children are born in namespace ``ns_fd`` (within the block)."""
+    return _pid_namespace_for_children("setns", ns_fd, _CLONE_NEWPID)
 
 
 @contextlib.contextmanager
-def pid_namespace_for_children(ns_fd: int) -> Iterator[None]:
-    """The calling thread's children are born in namespace ``ns_fd`` (within the block)."""
+def _pid_namespace_for_children(call: str, *args: int) -> Iterator[None]:
+    """Within the block, this thread's ``pid_for_children`` is what ``call(*args)`` made it."""
     own = pid_namespace_of(os.getpid())
     try:
-        _ns_call("setns", ns_fd, _CLONE_NEWPID)
+        _ns_call(call, *args)
         try:
             yield
         finally:
             _ns_call("setns", own, _CLONE_NEWPID)
     finally:
         os.close(own)
+
+
+def spawn_helper(
+    argv: Sequence[str], stdin: int, pass_fds: Sequence[int] = ()
+) -> subprocess.Popen[bytes]:
+    """Start one of corral's own helper processes: no output, a session of its own."""
+    import subprocess
+
+    return subprocess.Popen(
+        argv,
+        stdin=stdin,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        close_fds=True,
+        pass_fds=pass_fds,
+        start_new_session=True,
+    )
 
 
 def children_of(pid: int) -> list[int]:

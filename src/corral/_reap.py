@@ -30,7 +30,6 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Final
 from . import _platform, _watchdog
 
 if TYPE_CHECKING:
+    import subprocess
     from collections.abc import Collection, Iterable, Mapping
 
 __all__ = (
@@ -96,15 +96,7 @@ def _spawn_watchdog(program: list[str], stdin: int, pids: int) -> subprocess.Pop
     Lowered after ``Popen`` returns, and still before its interpreter runs:
     the gate holds it until the ranks are started.
     """
-    popen = subprocess.Popen(
-        program,
-        stdin=stdin,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        close_fds=True,
-        pass_fds=(pids,),
-        start_new_session=True,
-    )
+    popen = _platform.spawn_helper(program, stdin, pass_fds=(pids,))
     with contextlib.suppress(OSError):
         mine = os.getpriority(os.PRIO_PROCESS, 0)
         os.setpriority(os.PRIO_PROCESS, popen.pid, min(19, mine + _WATCHDOG_NICE))
