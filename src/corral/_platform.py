@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = (
     "FOREIGN_PROC",
     "HAS_PIDFD",
+    "HAS_P_PIDFD",
     "HAS_PROC",
     "acquire_subreaper",
     "children_of",
@@ -55,6 +56,8 @@ def _probe_pidfd() -> bool:
 #: ``pidfd_open(2)`` works: process exits wake the event loop through a pidfd
 #: registered with ``add_reader``: no thread, no SIGCHLD handler.
 HAS_PIDFD: bool = _probe_pidfd()
+#: ``waitid(P_PIDFD)``: reap exactly the process a pidfd pins (Python 3.9+, Linux 5.4+).
+HAS_P_PIDFD: Final = HAS_PIDFD and hasattr(os, "P_PIDFD") and hasattr(os, "waitid")
 
 
 def _probe_proc() -> tuple[bool, bool]:

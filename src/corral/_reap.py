@@ -53,7 +53,6 @@ __all__ = (
 )
 
 _log = logging.getLogger("corral")
-_HAS_P_PIDFD: Final = hasattr(os, "P_PIDFD") and hasattr(os, "waitid")
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +264,7 @@ def reap_member(member: Member, pidfd: int | None) -> bool:
     With a pidfd the ``waitid(P_PIDFD)`` can only ever reap that very process.
     """
     try:
-        if pidfd is not None and _HAS_P_PIDFD:
+        if pidfd is not None and _platform.HAS_P_PIDFD:
             info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
             return info is not None
         if _platform.HAS_PROC:
