@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 __all__ = (
     "FOREIGN_PROC",
     "HAS_PIDFD",
-    "HAS_P_PIDFD",
     "HAS_PROC",
+    "HAS_P_PIDFD",
     "acquire_subreaper",
     "children_of",
     "ensure_fd_budget",
