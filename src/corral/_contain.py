@@ -201,10 +201,12 @@ class NamespaceContainment(Containment):
         ns = self._ns
         if ranks.any_alive() or ns.has_members():
             # The graceful part: the first signal reaches every rank's process
-            # group and every descendant found now (pidfds pin them); one that
-            # appears later gets only the final SIGKILL.
-            self.tracked.add(_members(ns.members(ranks.held_pids())))
+            # group, then every descendant found (pidfds pin them); one that
+            # appears later gets only the final SIGKILL. The ranks go first:
+            # in the namespace, the children of a rank that dies meanwhile are
+            # re-parented to the init, where the walk still finds them.
             ranks.signal_ranks(first_signal)
+            self.tracked.add(_members(ns.members(ranks.held_pids())))
             self.tracked.signal_all(first_signal)
             await ranks.wait_dead(self.tracked, use_deadline=True)
         # Exact: the kernel SIGKILLs every process of the namespace.

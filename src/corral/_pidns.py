@@ -131,8 +131,10 @@ class Namespace:
     def members(self, roots: Iterable[int]) -> list[int]:
         """Every process found below the init and below ``roots`` (live ranks), by parent links.
 
-        Best effort, for a graceful first signal: processes forked meanwhile
-        are missed here, and ended by :meth:`kill` like every other.
+        Best effort, for a graceful first signal: processes forked meanwhile,
+        or by a thread other than their parent's main thread, are missed here
+        (those in a rank's process group still get the rank's signal), and
+        ended by :meth:`kill` like every other.
         """
         found: list[int] = []
         todo = [self.pid, *roots]

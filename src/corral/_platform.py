@@ -420,21 +420,23 @@ def spawn_helper(
 
 
 def children_of(pid: int) -> list[int]:
-    """The children of ``pid`` (every thread's), from ``/proc/PID/task/*/children``.
+    """The children ``pid``'s main thread forked, from ``/proc/PID/task/PID/children``.
 
-    Empty without a ``/proc`` of this process's pid namespace.
+    One read per process (children forked by its other threads are not
+    listed). Empty without a ``/proc`` of this process's pid namespace.
     """
-    found: list[int] = []
     if not HAS_PROC:
-        return found
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
+        return []
+    try:  # os.open/os.read: a buffered file object costs twice as much
+        fd = os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:  # gone
-        return found
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-                found.extend(int(c) for c in f.read().split())
-        except OSError:
-            continue
-    return found
+        return []
+    try:
+        data = b""
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+    return [int(c) for c in data.split()]
