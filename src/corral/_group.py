@@ -19,6 +19,8 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Final
 
+import anyio
+
 from . import _contain, _platform
 from ._callable import load_result
 from ._config import Entrypoint, GroupPlan, RankPlan, StdSpec, _grace, build_plan
@@ -340,20 +342,29 @@ class Group:
         elif deadline < self._deadline:
             self._shorten(deadline)
         closer = self._closer
-        cancelled = False
+        try:
+            return await asyncio.shield(closer)
+        except asyncio.CancelledError as exc:
+            if closer.done():
+                raise
+            if hurry_on_cancel:
+                self._shorten(loop.time())
+            cancellation = exc  # re-raised as it came: anyio knows its own by the message
+        # Cancelled while the close runs: wait it out, then re-raise. Inside an
+        # anyio shield, because an anyio cancel scope re-delivers its
+        # cancellation at every loop iteration (a busy loop otherwise); and in
+        # a loop, because a raw ``Task.cancel()`` pierces anyio's shield.
         while True:
             try:
-                result = await asyncio.shield(closer)
+                with anyio.CancelScope(shield=True):
+                    await asyncio.shield(closer)
                 break
             except asyncio.CancelledError:
                 if closer.done():
                     raise
-                cancelled = True
                 if hurry_on_cancel:
                     self._shorten(loop.time())
-        if cancelled:
-            raise asyncio.CancelledError
-        return result
+        raise cancellation
 
     def _shorten(self, deadline: float) -> None:
         if deadline < self._deadline:
