@@ -447,8 +447,13 @@ async def test_a_loop_that_ends_hands_the_console_backlog_to_a_loop_still_pumpin
     second = Console.create(stdout=target, stderr=target, color=False)
     line = b"x" * 1023 + b"\n"
     resumed = threading.Event()
+    paused = threading.Event()
 
     class Pump(_PumpSpy):
+        def pause(self) -> None:
+            super().pause()
+            paused.set()
+
         def resume(self) -> None:
             super().resume()
             resumed.set()
@@ -480,6 +485,8 @@ async def test_a_loop_that_ends_hands_the_console_backlog_to_a_loop_still_pumpin
         thread_a = threading.Thread(target=asyncio.run, args=(group_a(),))
         thread_a.start()
         thread_a.join()  # A's loop is closed now
+        # The pause is posted to B's loop: wait for it to run there.
+        assert await asyncio.to_thread(paused.wait, 10)
         assert pump.paused
         loop.add_reader(read_end, on_readable)  # the console is read again
         async with asyncio.timeout(10):

@@ -14,6 +14,7 @@ import contextlib
 import io
 import logging
 import os
+import socket
 import stat
 import sys
 import threading
@@ -63,14 +64,17 @@ class _Writer:
     they share this writer, its descriptor and its queue, so a line of one can
     never land inside a partly written line of the other. The descriptor is a
     private open of the file (``/proc/self/fd/N``), so ``O_NONBLOCK`` never
-    touches the host's own stdout. Groups on several threads' event loops may
-    share it: its state is guarded by a lock, and a pump is paused or resumed
-    on its own loop.
+    touches the host's own stdout. A socket cannot be opened again that way
+    (systemd's journal is a stream socket): it is written with ``send(...,
+    MSG_DONTWAIT)`` on a duplicate, non-blocking per call, flags untouched.
+    Groups on several threads' event loops may share it: its state is guarded
+    by a lock, and a pump is paused or resumed on its own loop.
     """
 
-    def __init__(self, key: tuple[int, int], fd: int) -> None:
+    def __init__(self, key: tuple[int, int], fd: int, sock: socket.socket | None = None) -> None:
         self.key = key
         self.fd = fd
+        self._sock = sock
         self.refs = 0
         self.pending = bytearray()
         self.queued = 0  # bytes accepted so far
@@ -114,10 +118,11 @@ class _Writer:
                 self._arm()  # the loop that watched the console stopped: take over
         else:
             try:
-                written = os.write(self.fd, data)
+                written = self._send(data)
             except BlockingIOError:
                 written = 0
             except OSError as exc:
+                self.done += len(data)  # never to be written: not waited for
                 self._break(exc)
                 return False
             self.done += written
@@ -177,7 +182,10 @@ class _Writer:
                 self.watched.discard(loop)
         if self.closing and not self.watched and self.fd >= 0:
             fd, self.fd = self.fd, -1
-            os.close(fd)
+            if self._sock is not None:
+                self._sock.close()
+            else:
+                os.close(fd)
 
     def _disarm(self) -> None:
         """Nothing pending: no loop watches the descriptor any more."""
@@ -209,9 +217,15 @@ class _Writer:
                 return
             self._flush_some()
 
+    def _send(self, data: bytes | bytearray | memoryview) -> int:
+        """Write what the console takes now (``BlockingIOError``: nothing)."""
+        if self._sock is not None:
+            return self._sock.send(data, socket.MSG_DONTWAIT)
+        return os.write(self.fd, data)
+
     def _flush_some(self) -> None:
         try:
-            written = os.write(self.fd, self.pending)
+            written = self._send(self.pending)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -263,7 +277,7 @@ class _Writer:
         waiter = (asyncio.get_running_loop(), asyncio.Event())
         self.waiters.add(waiter)
         try:
-            while self.done < target:
+            while self.done < target and self.broken is None:
                 waiter[1].clear()
                 before = self.done
                 with self.lock:
@@ -276,12 +290,13 @@ class _Writer:
                         lost = len(self.pending)
                         self.drop_pending()
                         self.dropped = 0
-                        _log.warning(
-                            "corral: the console (%s) is not being read: %d byte(s) of "
-                            "teed output not shown (the log files have them)",
-                            name,
-                            lost,
-                        )
+                        if lost:
+                            _log.warning(
+                                "corral: the console (%s) is not being read: %d byte(s) "
+                                "of teed output not shown (the log files have them)",
+                                name,
+                                lost,
+                            )
                         return
         finally:
             self.waiters.discard(waiter)
@@ -331,18 +346,24 @@ def _writer_for(target: object) -> _Writer | None:
     try:
         fd = fileno()
         st = os.fstat(fd)
-        if not (stat.S_ISFIFO(st.st_mode) or os.isatty(fd)):
+        is_socket = stat.S_ISSOCK(st.st_mode)
+        if not (is_socket or stat.S_ISFIFO(st.st_mode) or os.isatty(fd)):
             return None  # a regular file never blocks; other devices: leave alone
         key = (st.st_dev, st.st_ino)
         with _WRITERS_GUARD:
             writer = _WRITERS.get(key)
             if writer is None:
-                flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
-                writer = _WRITERS[key] = _Writer(key, os.open(f"/proc/self/fd/{fd}", flags))
+                if is_socket:
+                    sock = socket.socket(fileno=os.dup(fd))
+                    writer = _Writer(key, sock.fileno(), sock)
+                else:
+                    flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+                    writer = _Writer(key, os.open(f"/proc/self/fd/{fd}", flags))
+                _WRITERS[key] = writer
             writer.refs += 1
             return writer
     except (OSError, ValueError, io.UnsupportedOperation):
-        return None  # a socket (ENXIO), a closed stream, no /proc: blocking writes
+        return None  # a closed stream, no /proc: blocking writes
 
 
 def _release_writer(writer: _Writer) -> None:
