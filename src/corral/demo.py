@@ -34,6 +34,20 @@ def count_primes(start: int, stop: int) -> int:
 
 
 @record
+def _pid() -> str:
+    """This process's pid as the rest of the machine sees it.
+
+    In the group's PID namespace ``os.getpid()`` is the namespace's own
+    number; ``/proc`` (the host's) names the outside one.
+    """
+    try:
+        outside = os.readlink("/proc/self")
+    except OSError:  # no /proc (macOS)
+        return str(os.getpid())
+    inside = os.getpid()
+    return outside if outside == str(inside) else f"{outside}, {inside} in the group's namespace"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one demo rank and return its exit status."""
     parser = argparse.ArgumentParser(prog="python -m corral.demo", description=__doc__)
@@ -44,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     share = -(-opts.limit // world)
     start, stop = rank * share, min(opts.limit, (rank + 1) * share)
-    print(f"hello from rank {rank} of {world} (pid {os.getpid()})", flush=True)
+    print(f"hello from rank {rank} of {world} (pid {_pid()})", flush=True)
     print(f"rank {rank}/{world}: this is stderr", file=sys.stderr, flush=True)
     if opts.fail == rank:
         raise RuntimeError(f"rank {rank} was asked to fail (--fail {rank})")
