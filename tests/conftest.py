@@ -14,6 +14,8 @@ import pytest
 
 from corral._tee import Console
 
+from .helpers import MECHANISMS, use_mechanism
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -130,3 +132,17 @@ def watched_console() -> tuple[Console, WatchedIO, WatchedIO]:
     """A colourless console over two WatchedIO streams (stdout, stderr)."""
     out, err = WatchedIO(), WatchedIO()
     return Console.create(stdout=out, stderr=err, color=False), out, err
+
+
+@pytest.fixture(params=MECHANISMS)
+def mechanism(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once per containment mechanism."""
+    name: str = request.param
+    use_mechanism(name, monkeypatch)
+    return name
+
+
+@pytest.fixture
+def walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Force the /proc walk (the watchdog's tests)."""
+    use_mechanism("walk", monkeypatch)

@@ -22,7 +22,7 @@ import corral
 from corral._tee import Console
 
 from .conftest import python
-from .test_containment import wait_exit
+from .helpers import wait_exit
 
 if TYPE_CHECKING:
     from pathlib import Path

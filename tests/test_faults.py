@@ -25,7 +25,7 @@ from corral import _platform
 from corral._tee import Console
 
 from .conftest import python
-from .test_containment import (
+from .helpers import (
     CHILDREN,
     handshakes,
     own_children,

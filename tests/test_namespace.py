@@ -22,7 +22,7 @@ import corral
 from corral import _contain, _pidns, _platform
 
 from .conftest import python, watched_console
-from .test_containment import (
+from .helpers import (
     own_children,
     reap_new_children,
     subreaper,
