@@ -302,3 +302,53 @@ def test_fd_budget_raises_the_soft_limit_or_names_it(tmp_path: Path) -> None:
     assert message.startswith("error:")
     assert "file descriptors" in message
     assert "RLIMIT_NOFILE allows 128" in message
+
+
+#: Two groups started at once under RLIMIT_NOFILE 200 (argv: LOG_DIR); prints one line
+#: per group (``ok`` or the error's type and text), then the open descriptors before/after.
+TWO_GROUPS_AT_ONCE = """
+import asyncio, os, resource, sys
+import corral
+resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+
+async def main():
+    before = len(os.listdir('/proc/self/fd'))
+    argv = [sys.executable, '-c', 'pass']
+    results = await asyncio.gather(
+        corral.run(argv, nprocs=30, tee='all', log_dir=os.path.join(sys.argv[1], 'a')),
+        corral.run(argv, nprocs=11, tee='all', log_dir=os.path.join(sys.argv[1], 'b')),
+        return_exceptions=True,
+    )
+    for r in results:
+        print('ok' if isinstance(r, corral.Result) and r.ok else f'{type(r).__name__}: {r}')
+    print('fds', before, len(os.listdir('/proc/self/fd')))
+
+asyncio.run(main())
+"""
+
+
+async def test_two_groups_starting_at_once_into_the_fd_limit(tmp_path: Path) -> None:
+    """Regression (issue 9, fault 6): two groups starting at once that do not both fit
+    RLIMIT_NOFILE: the one that does not fit fails with a CorralError naming the budget
+    (never a raw OSError), and no descriptor or process of it is left behind."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        TWO_GROUPS_AT_ONCE,
+        str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    first, second, fds = out.decode().splitlines()
+    outcomes = [first, second]
+    assert "ok" in outcomes, outcomes
+    failed = [o for o in outcomes if o != "ok"]
+    for line in failed:
+        assert line.startswith("CorralError: could not start the group"), line
+        assert "RLIMIT_NOFILE" in line, line
+        assert "ulimit -n" in line, line
+    _, before, after = fds.split()
+    assert before == after, f"descriptors leaked: {before} before, {after} after"

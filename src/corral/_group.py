@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import logging
 import os
 import signal
 import time
 import warnings
-from typing import TYPE_CHECKING, Final
+from typing import IO, TYPE_CHECKING, Final
 
 import anyio
 
@@ -33,7 +34,7 @@ from ._std import Std
 from ._tee import Console
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Mapping, Sequence
+    from collections.abc import Collection, Iterable, Mapping, Sequence
     from pathlib import Path
     from types import TracebackType
 
@@ -250,13 +251,20 @@ class Group:
         self._deadline_changed = asyncio.Event()
         plan = self._plan
         try:
-            _platform.ensure_fd_budget(_fd_budget(plan))
+            with _platform.fd_budget(_fd_budget(plan)):
+                await self._start_ranks(loop)
         except OSError as exc:
-            raise CorralError(f"could not start the group: {exc.strerror}") from exc
+            raise CorralError(f"could not start the group: {exc.strerror or exc}") from exc
+
+    async def _start_ranks(self, loop: asyncio.AbstractEventLoop) -> None:
+        plan = self._plan
+        settled = self._settled
+        assert settled is not None
         self._started_at = time.time()
         self._state = _State.RUNNING
         console = self._console
         pending: list[asyncio.Future[Pump]] = []
+        pipes: list[IO[bytes]] = []
         try:
             if console is None and any(rp.tee for rp in plan.ranks):
                 # Plain prefixes, exactly as formatted: colour is the CLI's choice.
@@ -277,7 +285,7 @@ class Group:
                     r.exec_failed = outcome
                     _touch_logs(rp)  # RankLogs names these files: they exist, empty
                     r.exit_time = time.time()
-                    self._settled.set()
+                    settled.set()
                     continue
                 popen = outcome.popen
                 r.pid = popen.pid
@@ -290,6 +298,7 @@ class Group:
                 ):
                     if pipe is None:
                         continue
+                    pipes.append(pipe)
                     assert path is not None
                     assert console is not None
                     assert stream is not None
@@ -299,23 +308,38 @@ class Group:
                     )
             contain.all_started([r.pid for r in self._ranks if r.pid is not None])
             if pending:
-                pumps = await asyncio.gather(*pending)
-                for pump in pumps:
-                    self._ranks[pump.rank].pumps.append(pump)
+                await asyncio.wait(pending)
+                self._adopt_pumps(pending)
+                for fut in pending:
+                    fut.result()  # the first failure, if any
         except BaseException as exc:
-            # Roll back: nothing started may outlive a failed start.
+            # Roll back: nothing started may outlive a failed start, and no
+            # descriptor either (a pipe no pump took yet is closed here).
             for fut in pending:
-                if not fut.done():
-                    fut.cancel()
+                fut.cancel()
+            if pending:
+                await asyncio.wait(pending)
+                self._adopt_pumps(pending)
             for r in self._ranks:
                 if r.pid is None and r.exec_failed is None:
                     r.exec_failed = ExecFailed(1, "not started: the group failed to start")
-            await self._close_shielded(0.0, hurry_on_cancel=False)
+            try:
+                await self._close_shielded(0.0, hurry_on_cancel=False)
+            finally:
+                for pipe in pipes:
+                    pipe.close()
             if isinstance(exc, OSError):
-                raise CorralError(f"could not start the group: {exc}") from exc
+                raise CorralError(f"could not start the group: {_explain(exc)}") from exc
             raise
         if self._live == 0:
-            self._settled.set()
+            settled.set()
+
+    def _adopt_pumps(self, started: Iterable[asyncio.Future[Pump]]) -> None:
+        """Give every pump that started to its rank (closing drains and closes it)."""
+        for fut in started:
+            if not fut.cancelled() and fut.exception() is None:
+                pump = fut.result()
+                self._ranks[pump.rank].pumps.append(pump)
 
     def _on_exit(self, r: _Rank, returncode: int) -> None:
         """Called on the loop when rank ``r`` has exited and been reaped."""
@@ -590,9 +614,25 @@ class _ExitCallback:
 
 
 def _fd_budget(plan: GroupPlan) -> int:
-    """File descriptors the supervisor holds for a running group (see ``ensure_fd_budget``)."""
+    """File descriptors the supervisor holds for a running group (see ``_platform.fd_budget``)."""
     per_rank = (1 + 2 * ((rp.tee & Std.OUT != 0) + (rp.tee & Std.ERR != 0)) for rp in plan.ranks)
     return sum(per_rank) + 8  # + the watchdog's pipe, a rank's transient spawn pipes
+
+
+def _explain(exc: OSError) -> str:
+    """An ``OSError`` of a failed start, with what to do about a descriptor shortage."""
+    if exc.errno != errno.EMFILE:
+        return str(exc)
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError):
+        return str(exc)
+    return (
+        f"{exc} (RLIMIT_NOFILE is {soft}: each teed rank needs up to 5 descriptors in "
+        "this process; raise the limit with ulimit -n, or tee fewer ranks)"
+    )
 
 
 def _touch_logs(rp: RankPlan) -> None:

@@ -26,7 +26,7 @@ __all__ = (
     "HAS_P_PIDFD",
     "acquire_subreaper",
     "children_of",
-    "ensure_fd_budget",
+    "fd_budget",
     "new_pid_namespace",
     "pid_namespace_for_children",
     "pid_namespace_of",
@@ -149,29 +149,49 @@ def _prctl_get_subreaper() -> bool:
     return bool(ok and flag.value)
 
 
-def ensure_fd_budget(needed: int) -> None:
-    """Make room for ``needed`` more file descriptors, raising the soft limit if it must.
+#: Descriptors promised to groups that are starting right now (opened or not yet).
+_fds_reserved = 0
+_fds_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def fd_budget(needed: int) -> Iterator[None]:
+    """Hold ``needed`` more file descriptors for a group while it starts.
 
     A teed rank costs up to 5 descriptors in the supervisor (two pipe ends,
     two log files, a pidfd), so a 1024 soft ``RLIMIT_NOFILE`` (a common
-    default) runs out near 200 ranks. When the open descriptors plus
-    ``needed`` would not fit, the soft limit is raised to the hard one (a
-    process-wide change, logged); asyncio's epoll loop is not bound by
-    ``FD_SETSIZE``, but ``select.select`` elsewhere in the host would be.
+    default) runs out near 200 ranks. The check counts what is open now plus
+    what groups starting at the same time have been promised (counted twice
+    once they open it: a start may fail early rather than midway). When it
+    would not fit, the soft limit is raised to the hard one (a process-wide
+    change, logged); asyncio's epoll loop is not bound by ``FD_SETSIZE``, but
+    ``select.select`` elsewhere in the host would be.
 
     Raises:
         OSError: even the hard limit is too small (``errno.EMFILE``, with a
-            message naming the budget).
+            message naming the budget). Nothing was opened.
     """
+    global _fds_reserved
+    with _fds_lock:
+        _ensure_fds(needed, _fds_reserved)
+        _fds_reserved += needed
+    try:
+        yield
+    finally:
+        with _fds_lock:
+            _fds_reserved -= needed
+
+
+def _ensure_fds(needed: int, reserved: int) -> None:
     try:
         import resource
     except ImportError:  # not POSIX
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or needed < 64:
+    if soft == resource.RLIM_INFINITY:
         return
     in_use = _open_fds()
-    want = in_use + needed + 32
+    want = in_use + reserved + needed + 16
     if want <= soft:
         return
     if hard == resource.RLIM_INFINITY or want <= hard:
@@ -188,12 +208,12 @@ def ensure_fd_budget(needed: int) -> None:
                 needed,
             )
             return
-
+    others = f" (and {reserved} promised to groups starting now)" if reserved else ""
     raise OSError(
         errno.EMFILE,
         f"the group needs about {needed} file descriptors (up to 5 per teed rank, 1 per "
-        f"rank) and {in_use} are open, but RLIMIT_NOFILE allows {soft} (hard limit {hard}); "
-        "raise it (ulimit -n) or tee fewer ranks",
+        f"rank) and {in_use} are open{others}, but RLIMIT_NOFILE allows {soft} (hard limit "
+        f"{hard}); raise it (ulimit -n) or tee fewer ranks",
     )
 
 
