@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn
 
+from ._config import MAX_NPROCS
 from ._errors import ConfigError, CorralError
 from ._group import Group, spawn
 from ._result import signal_name
@@ -72,6 +73,10 @@ def _nprocs(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a number of ranks, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value > MAX_NPROCS:
+        raise argparse.ArgumentTypeError(
+            f"{value} is more than corral's limit of {MAX_NPROCS} ranks per group"
+        )
     return value
 
 
@@ -113,6 +118,10 @@ def parse_ranks(text: str) -> frozenset[int]:
         first, last = int(bounds[0]), int(bounds[-1])
         if last < first:
             raise ValueError(f"rank range {token!r} in {text!r} goes backwards")
+        if last >= MAX_NPROCS:  # checked before the range is expanded
+            raise ValueError(
+                f"rank {last} in {text!r} is beyond corral's limit of {MAX_NPROCS} ranks"
+            )
         ranks.update(range(first, last + 1))
     return frozenset(ranks)
 
@@ -734,6 +743,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _quiet_stdout() -> None:
     """Flush stdout; if its reader went away (``| head``), stop Python complaining at exit."""
+    if sys.stdout is None:  # started with stdout closed
+        return
     try:
         sys.stdout.flush()
     except (OSError, ValueError):

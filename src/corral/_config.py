@@ -8,9 +8,11 @@ every other check has passed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import string
+import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,15 @@ StdSpec: TypeAlias = "Std | int | str | Mapping[int, Std | int | str]"
 #: descendants which left the rank's session can still be found (see _reap).
 GROUP_ENV: Final = "CORRAL_GROUP"
 _PREFIX_FIELDS: Final = frozenset({"rank", "stream"})
+#: The most ranks one group may have. A rank is a process and up to 5 file
+#: descriptors of the supervisor; past a few thousand per machine the kernel's
+#: own limits (processes, descriptors, memory) end a start midway, and a
+#: mistyped count (10**6) would first create that many log folders. 4096 is
+#: more than any single machine has cores; raise it here if yours is larger.
+MAX_NPROCS: Final = 4096
+#: Linux: the longest single argument or ``KEY=VALUE`` that ``execve`` takes
+#: (``MAX_ARG_STRLEN``, 32 pages).
+_MAX_ARG_STRLEN: Final = 32 * 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +118,7 @@ def build_plan(
         call = _callable.prepare(cast("Callable[..., object]", entrypoint), per_rank_args)
     else:
         base_argv = _command(entrypoint)
-    root = _log_dir(log_dir, n)
+    root, made = _log_dir(log_dir, n)
 
     token = os.urandom(8).hex()  # what secrets.token_hex does, without importing hmac
     parent_env = dict(os.environ)
@@ -162,11 +173,12 @@ def build_plan(
                     result_file=result_file,
                 )
             )
+            _check_exec_size(rank, argv, child_env)
     except ConfigError:
-        _remove(created)
+        _remove(created + made)
         raise
     except OSError as exc:
-        _remove(created)
+        _remove(created + made)
         raise ConfigError(f"cannot create the rank folders in {root}: {exc}") from exc
     return GroupPlan(
         nprocs=n,
@@ -181,11 +193,51 @@ def build_plan(
 
 
 def _remove(created: list[Path]) -> None:
-    """Undo the rank folders made so far (best effort: they hold nothing yet)."""
-    for path in reversed(created):
-        for child in path.iterdir():
-            child.unlink()
-        path.rmdir()
+    """Undo the folders made so far, deepest first (they hold nothing of the user's)."""
+    for path in sorted(set(created), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            for child in path.iterdir():
+                if child.is_file():
+                    child.unlink()
+            path.rmdir()
+
+
+def _check_exec_size(rank: int, argv: Sequence[str], env: Mapping[str, str]) -> None:
+    """What ``execve`` would refuse (``E2BIG``) is a ConfigError naming the rank and variable.
+
+    Sizes are counted in characters first: UTF-8 takes at most 4 bytes per
+    character, so only a rank within 4x of a limit pays for exact byte counts.
+    """
+    strings = [*argv, *(f"{k}={v}" for k, v in env.items())]
+    try:
+        limit = os.sysconf("SC_ARG_MAX")
+    except (ValueError, OSError):
+        limit = -1
+    pointer = 8
+    rough = sum(len(x) + 1 + pointer for x in strings)
+    longest = max((len(x) for x in strings), default=0)
+    if (limit <= 0 or 4 * rough <= limit) and 4 * longest < _MAX_ARG_STRLEN:
+        return
+    if sys.platform.startswith("linux"):
+        for i, arg in enumerate(argv):
+            if len(os.fsencode(arg)) + 1 > _MAX_ARG_STRLEN:
+                raise ConfigError(
+                    f"rank {rank}: argument {i} is {len(arg)} characters long; the kernel "
+                    f"takes at most {_MAX_ARG_STRLEN - 1} bytes per argument"
+                )
+        for key, value in env.items():
+            if len(os.fsencode(f"{key}={value}")) + 1 > _MAX_ARG_STRLEN:
+                raise ConfigError(
+                    f"rank {rank}: environment variable {key} is {len(value)} characters long; "
+                    f"the kernel takes at most {_MAX_ARG_STRLEN - 1} bytes per variable"
+                )
+    size = sum(len(os.fsencode(x)) + 1 + pointer for x in strings)
+    if limit > 0 and size > limit:
+        largest = sorted(env, key=lambda k: len(env[k]), reverse=True)[:3]
+        raise ConfigError(
+            f"rank {rank}: its arguments and environment take {size} bytes; the kernel takes "
+            f"at most {limit} (ARG_MAX); the largest variables: {', '.join(largest)}"
+        )
 
 
 def _is_int(value: object) -> bool:
@@ -202,13 +254,18 @@ def _nprocs(
             if isinstance(value, Mapping):
                 if not value:
                     raise ConfigError(f"{name} is an empty mapping: there must be at least 1 rank")
-                return len(value)
+                return _nprocs(len(value), None, None)
         raise ConfigError("nprocs is required unless args or envs is a per-rank mapping")
     if not _is_int(nprocs):
         raise ConfigError(f"nprocs must be an int, not {type(nprocs).__name__}")
     assert isinstance(nprocs, int)
     if nprocs < 1:
         raise ConfigError(f"nprocs must be at least 1, got {nprocs}")
+    if nprocs > MAX_NPROCS:
+        raise ConfigError(
+            f"nprocs={nprocs} is more than corral's limit of {MAX_NPROCS} ranks per group "
+            "(one process and up to 5 file descriptors each)"
+        )
     return nprocs
 
 
@@ -381,30 +438,42 @@ def _command(entrypoint: object) -> tuple[str, ...]:
     return out
 
 
-def _log_dir(log_dir: object, n: int) -> Path:
-    """Check ``log_dir`` and create it (last step of validation)."""
+def _log_dir(log_dir: object, n: int) -> tuple[Path, list[Path]]:
+    """Check ``log_dir`` and create it (last step of validation).
+
+    Returns:
+        The folder, and the folders created for it (to remove if a later
+        step fails: a failed ``spawn`` changes nothing).
+    """
     if log_dir is None:
         try:
             import tempfile  # lazy: only a default log_dir needs it
 
-            return Path(tempfile.mkdtemp(prefix="corral-"))
+            root = Path(tempfile.mkdtemp(prefix="corral-"))
         except OSError as exc:
             raise ConfigError(f"cannot create a temporary log_dir: {exc}") from exc
+        return root, [root]
     if not isinstance(log_dir, (str, os.PathLike)):
         raise ConfigError(f"log_dir must be a path, not {type(log_dir).__name__}")
-    root = Path(log_dir)
-    if root.exists():
-        if not root.is_dir():
-            raise ConfigError(f"log_dir {str(root)!r} exists and is not a directory")
-        taken = [str(r) for r in range(n) if (root / str(r)).exists()]
-        if taken:
-            raise ConfigError(
-                f"log_dir {str(root)!r} already holds rank folder(s) {', '.join(taken)}; "
-                "corral never overwrites logs: choose a new log_dir or remove them"
-            )
-        return root
+    text = os.fspath(log_dir)
+    if not text:
+        raise ConfigError("log_dir is an empty path: name a folder (or pass None for a fresh one)")
+    if "\0" in str(text):
+        raise ConfigError(f"log_dir {text!r} holds a NUL character")
+    root = Path(text)
     try:
+        if root.is_dir():
+            taken = [str(r) for r in range(n) if (root / str(r)).exists()]
+            if taken:
+                raise ConfigError(
+                    f"log_dir {str(root)!r} already holds rank folder(s) {', '.join(taken)}; "
+                    "corral never overwrites logs: choose a new log_dir or remove them"
+                )
+            return root, []
+        if root.exists():
+            raise ConfigError(f"log_dir {str(root)!r} exists and is not a directory")
+        missing = [root, *(p for p in root.parents if not p.exists())]
         root.mkdir(parents=True)
     except OSError as exc:
         raise ConfigError(f"cannot create log_dir {str(root)!r}: {exc.strerror or exc}") from exc
-    return root
+    return root, missing

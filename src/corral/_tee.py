@@ -457,6 +457,15 @@ class ConsoleStream:
 _BINARY: Final = (io.RawIOBase, io.BufferedIOBase)
 
 
+def _stream(target: IO[bytes] | IO[str] | None, name: str) -> ConsoleStream:
+    """A console stream over ``target``; over nothing (``sys.stdout`` is None: the
+    process was started with that descriptor closed), one that is disabled."""
+    if target is None:
+        _log.warning("corral: tee to %s disabled: this process has no %s", name, name)
+        return ConsoleStream(io.BytesIO(), name, broken=True)
+    return ConsoleStream(target, name, _lock_for(target), _writer=_writer_for(target))
+
+
 def _binary(stream: IO[str] | IO[bytes] | None) -> IO[bytes] | IO[str] | None:
     """Prefer the binary buffer under a text stream: bytes then pass through verbatim."""
     if stream is None:
@@ -497,15 +506,9 @@ class Console:
         """Build a console over the given streams (default: this process's stdout/stderr)."""
         out = _binary(stdout if stdout is not None else sys.stdout)
         err = _binary(stderr if stderr is not None else sys.stderr)
-        if out is None or err is None:
-            raise ValueError("no console stream to tee to (sys.stdout or sys.stderr is None)")
         if color is None:
-            color = _wants_color(out)
-        return cls(
-            stdout=ConsoleStream(out, "stdout", _lock_for(out), _writer=_writer_for(out)),
-            stderr=ConsoleStream(err, "stderr", _lock_for(err), _writer=_writer_for(err)),
-            color=color,
-        )
+            color = out is not None and _wants_color(out)
+        return cls(stdout=_stream(out, "stdout"), stderr=_stream(err, "stderr"), color=color)
 
     async def wait_flushed(self, give_up_after: float) -> None:
         """Wait (bounded) until both streams took every pending byte."""
