@@ -20,7 +20,7 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Final
 
-from . import _platform, _reap, _watchdog
+from . import _platform, _reap, _stacks, _watchdog
 from ._callable import load_result
 from ._config import Entrypoint, GroupPlan, RankPlan, StdSpec, _grace, build_plan
 from ._errors import ConfigError, CorralError
@@ -193,6 +193,10 @@ class Group:
         self._watchdog: _reap.Watchdog | None = None
         self._census: _reap.Census | None = None
         self._subreaper = False
+        #: rank -> its stacks.txt, dumped just before closing signalled it.
+        self._stacks: dict[int, Path] = {}
+        #: Dump the live ranks' stacks (``dump_stacks``) before closing signals them.
+        self.stacks_on_close: bool = False
         self.nprocs: int = plan.nprocs
         self.log_dir: Path = plan.log_dir
         self.logs: dict[int, RankLogs] = {rp.rank: rp.logs for rp in plan.ranks}
@@ -280,6 +284,42 @@ class Group:
             raise ConfigError(f"send_signal: no such rank(s) {bad}; ranks are 0..{self.nprocs - 1}")
         for r in selected:
             _killpg(self._ranks[r], sig)
+
+    async def dump_stacks(
+        self, ranks: Collection[int] | None = None, *, limit: float = _stacks.TIMEOUT
+    ) -> dict[int, str]:
+        """Dump the Python stacks of the live ranks (what each one is doing right now).
+
+        Each dump is also written to ``{log_dir}/{rank}/stacks.txt``. py-spy is
+        used when installed (any Python rank); otherwise callable ranks dump
+        through ``faulthandler`` on SIGURG to their stderr (see README).
+
+        Args:
+            ranks: the ranks to dump (default: every live rank).
+            limit: seconds for all the ranks together (they are dumped in parallel).
+
+        Returns:
+            rank -> dump text, for the ranks that gave one (never raises for
+            a rank that cannot be dumped: it is left out).
+        """
+        self._require_started("dump_stacks")
+        wanted = set(range(self.nprocs) if ranks is None else ranks)
+        targets = [
+            _stacks.Target(
+                rank=r.plan.rank,
+                pid=r.pid,
+                callable=r.plan.result_file is not None,
+                stderr_log=r.plan.logs.stderr,
+                out=r.plan.logs.error_file.with_name(_stacks.STACKS_FILE),
+            )
+            for r in self._ranks
+            if r.plan.rank in wanted and r.alive and r.pid is not None
+        ]
+        texts = await _stacks.capture(targets, limit)
+        for t in targets:
+            if t.rank in texts:
+                self._stacks[t.rank] = t.out
+        return texts
 
     def __repr__(self) -> str:
         return (
@@ -465,6 +505,12 @@ class Group:
         for r in self._ranks:
             for pump in r.pumps:
                 pump.closing()
+        if self.stacks_on_close and any(r.alive for r in self._ranks):
+            # What each live rank was doing, before it is signalled (bounded, never fails close).
+            try:
+                await self.dump_stacks()
+            except Exception:
+                _log.exception("corral: could not dump the ranks' stacks")
         try:
             # 1. Snapshot descendants first: once a rank dies its children are
             #    re-parented and parent links no longer lead to them.
@@ -682,6 +728,8 @@ class Group:
             logs=dict(self.logs),
             log_dir=self.log_dir,
             log_errors=self._log_errors(),
+            pids=self.pids,
+            stacks=dict(self._stacks),
         )
 
     def _log_errors(self) -> dict[int, tuple[str, ...]]:
