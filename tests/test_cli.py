@@ -582,7 +582,7 @@ def test_exit_status_mapping() -> None:
     assert exit_status(Result(exit_codes={0: -15}, terminated=frozenset({0})), 15) == 143
     summary = render_summary(failed, {2: 202})
     # The CLI's summary is Result.describe(), the one renderer (issue 10).
-    assert summary == "corral: " + replace(failed, pids={2: 202}).describe()
+    assert summary == "corral: " + replace(failed, pids={2: 202}).describe()  # no log_dir
     assert summary.splitlines()[0] == (
         "corral: rank 1 failed first (2 of 3 ranks failed): killed by SIGSEGV"
     )

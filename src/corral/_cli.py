@@ -485,7 +485,10 @@ def render_summary(
     if signum is not None:
         lines.append(f"corral: stopped by {signal_name(signum)}")
     if not result.ok:
-        lines.append(f"corral: {result.describe()}")
+        # The CLI says where the logs are on a line of its own ("corral: logs in ...").
+        logs = f"logs: {result.log_dir}"
+        text = "\n".join(x for x in result.describe().splitlines() if x != logs)
+        lines.append(f"corral: {text}")
     return "\n".join(lines)
 
 

@@ -82,9 +82,7 @@ def py_spy() -> str | None:
     return str(beside) if os.access(beside, os.X_OK) else None
 
 
-async def capture(
-    targets: list[Target], limit: float = TIMEOUT
-) -> dict[int, str]:
+async def capture(targets: list[Target], limit: float = TIMEOUT) -> dict[int, str]:
     """Dump the stacks of ``targets`` in parallel, within ``limit`` seconds in all.
 
     Returns:
