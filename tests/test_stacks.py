@@ -191,7 +191,7 @@ async def test_failure_records_what_the_other_ranks_were_doing(
     assert result.terminated == {0, 2}
     assert set(result.stacks) == {0, 2}
     text = result.describe()
-    assert "what the other ranks were doing when corral stopped them:" in text
+    assert "what the ranks still running were doing when corral stopped them:" in text
     for rank in (0, 2):
         assert f"  rank {rank} ({tmp_path / str(rank) / 'stacks.txt'}):" in text
     assert text.count("blocked_in_collective") >= 2, text
@@ -270,9 +270,45 @@ def test_cli_summary_says_what_each_running_rank_was_doing(tmp_path: Path) -> No
     assert res.returncode == 3, res.stderr
     err = res.stderr
     assert "corral: rank 1 failed: exited with code 3" in err
-    assert "what the other ranks were doing when corral stopped them:" in err
+    assert "what the ranks still running were doing when corral stopped them:" in err
     for live in (0, 2):
         stacks = logs / str(live) / "stacks.txt"
         assert f"  rank {live} ({stacks}):" in err
         assert "wait_for_peer" in stacks.read_text()
-    assert err.index("what the other ranks") < err.index("corral: exit status 3")
+    assert err.index("what the ranks still running") < err.index("corral: exit status 3")
+
+
+@needs_py_spy
+def test_cli_ctrl_c_summary_says_where_each_rank_was(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) to `corral run`: before the ranks are signalled, their stacks are
+    dumped, and the summary shows them under "stopped by SIGINT" (issue 11, item 4)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(Path(corral.__file__).parent.parent)
+    step = "import time\ndef train_step():\n    print('ready', flush=True)\n    time.sleep(60)\n"
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "corral", "run", "-n", "2", "--log-dir", str(tmp_path)),
+            *("--", sys.executable, "-c", step + "train_step()\n"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        ready = [proc.stdout.readline() for _ in range(2)]
+        assert sorted(ready) == ["[0]: ready\n", "[1]: ready\n"]
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "corral: stopped by SIGINT" in err
+    assert "what the ranks still running were doing when corral stopped them:" in err
+    for rank in (0, 1):
+        assert f"  rank {rank} ({tmp_path / str(rank) / 'stacks.txt'}):" in err
+    assert err.count("train_step (<string>:4)") == 2, err

@@ -22,6 +22,8 @@ TAIL_BYTES: Final = 8192
 LINE_MAX: Final = 300
 #: How many lines of each rank's stack dump ``describe()`` shows.
 STACK_LINES: Final = 20
+#: How a thread's stack starts in a py-spy or a faulthandler dump.
+_THREAD_HEADS: Final = ("Thread ", "Current thread ")
 #: What a rank says when it failed *waiting for a peer* (gloo, NCCL, c10d): such a
 #: rank is a victim of another rank's stop, not the root cause (issue 11, item 4).
 PEER_WAIT: Final = re.compile(
@@ -273,10 +275,13 @@ class Result:
             except OSError:
                 continue
             dump = [line.rstrip()[:LINE_MAX] for line in text.splitlines() if line.strip()]
+            # From the first thread on (py-spy starts with the process and Python version).
+            heads = [i for i, line in enumerate(dump) if line.startswith(_THREAD_HEADS)]
+            dump = dump[heads[0] :] if heads else dump
             if not dump:
                 continue
             if not lines:
-                lines += ["", "what the other ranks were doing when corral stopped them:"]
+                lines += ["", "what the ranks still running were doing when corral stopped them:"]
             lines.append(f"  rank {rank} ({path}):")
             shown = dump[:STACK_LINES]
             lines.extend(_indent(shown))

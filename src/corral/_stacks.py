@@ -134,9 +134,10 @@ async def _spy(program: str, pid: int, deadline: float) -> str:
             bound = max(1.0, deadline - loop.time())
             with contextlib.suppress(Exception):
                 await asyncio.shield(asyncio.wait_for(proc.wait(), bound))
-    if proc.returncode != 0:
-        return ""
-    return out.decode("utf-8", "replace")
+    text = out.decode("utf-8", "replace")
+    if proc.returncode != 0 or "\nThread " not in text:
+        return ""  # failed, or the process was exiting: no thread left to show
+    return text
 
 
 async def _faulthandler(targets: list[Target], deadline: float) -> dict[int, str]:
