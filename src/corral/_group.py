@@ -301,6 +301,10 @@ class Group:
         Returns:
             rank -> dump text, for the ranks that gave one (never raises for
             a rank that cannot be dumped: it is left out).
+
+        Cancellation:
+            The py-spy processes it started are killed and reaped, then
+            ``CancelledError`` propagates; the ranks are not affected.
         """
         self._require_started("dump_stacks")
         wanted = set(range(self.nprocs) if ranks is None else ranks)
@@ -507,10 +511,14 @@ class Group:
                 pump.closing()
         if self.stacks_on_close and any(r.alive for r in self._ranks):
             # What each live rank was doing, before it is signalled (bounded, never fails close).
+            # The grace period starts after it, unless a close shortened it meanwhile.
+            deadline, began = self._deadline, loop.time()
             try:
                 await self.dump_stacks()
             except Exception:
                 _log.exception("corral: could not dump the ranks' stacks")
+            if self._deadline == deadline:
+                self._deadline += loop.time() - began
         try:
             # 1. Snapshot descendants first: once a rank dies its children are
             #    re-parented and parent links no longer lead to them.

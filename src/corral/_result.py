@@ -98,7 +98,7 @@ class Failure:
         """Return a few readable lines: what failed, how, when, the traceback, the logs.
 
         Without a traceback (no error file), the last lines of the rank's
-        stderr log are shown instead, when it has one.
+        stderr log are shown instead (of its stdout log when stderr is empty).
         """
         pid = "never started" if self.pid is None else f"pid {self.pid}"
         lines = [
@@ -203,7 +203,20 @@ class Result:
             other failures:
               rank 3 (pid 4244) was killed by SIGSEGV (exitcode -11), 0.004 s later
             terminated by corral: ranks 0,2
+              rank 0 (pid 4241) was killed by SIGTERM (exitcode -15)
+              rank 2 (pid 4243) was killed by SIGTERM (exitcode -15)
+
+            what the ranks still running were doing when corral stopped them:
+              rank 0 (/tmp/corral-x/0/stacks.txt):
+                Thread 4241 (idle): "MainThread"
+                    allreduce (train.py:40)
+              ...
+
             logs: /tmp/corral-x
+
+        This is the one renderer of a failure: the ``corral`` command line's
+        summary is this text. The per-rank lines of the terminated ranks need
+        ``pids``; the stack dumps need ``stacks`` (see ``Group.dump_stacks``).
         """
         root = self.root_cause
         if root is None:
