@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -270,16 +271,15 @@ def test_rank_exiting_7_gives_7_and_a_summary(tmp_path: Path) -> None:
     res = corral("-n", "3", "--log-dir", str(tmp_path), "--grace", "5", "--", *code(fail))
     assert res.returncode == 7, res.stderr
     pid = int(re.findall(r"^\[1\]: pid (\d+)$", res.stdout, re.MULTILINE)[0])
-    summary = res.stderr[res.stderr.index("corral: 1 of 3 rank(s) failed") :]
-    assert "root cause: rank 1" in summary
-    assert f"rank 1 (pid {pid}): exited with code 7" in summary
-    assert "| something went wrong on rank 1" in summary
-    assert f"stderr log: {tmp_path / '1' / 'stderr.log'}" in summary
-    assert f"stdout log: {tmp_path / '1' / 'stdout.log'}" in summary
+    summary = res.stderr[res.stderr.index("corral: rank 1 failed: exited with code 7") :]
+    assert f"root cause: rank 1 (pid {pid}) exited with code 7" in summary
+    assert "last lines of stderr.log:\n    something went wrong on rank 1\n" in summary
+    assert f"stderr: {tmp_path / '1' / 'stderr.log'}" in summary
+    assert f"stdout: {tmp_path / '1' / 'stdout.log'}" in summary
     # The others are listed as terminated, after the root cause.
     assert summary.index("terminated by corral") > summary.index("something went wrong")
-    assert re.search(r"rank 0 \(pid \d+\): killed by SIGTERM", summary)
-    assert re.search(r"rank 2 \(pid \d+\): killed by SIGTERM", summary)
+    assert re.search(r"rank 0 \(pid \d+\) was killed by SIGTERM", summary)
+    assert re.search(r"rank 2 \(pid \d+\) was killed by SIGTERM", summary)
     assert summary.rstrip().endswith("corral: exit status 7")
 
 
@@ -295,8 +295,9 @@ def test_rank_killed_by_sigabrt_gives_134() -> None:
     )
     res = corral("-n", "2", "--", *code(abort))
     assert res.returncode == 134, res.stderr
-    assert re.search(r"rank 0 \(pid \d+\): killed by SIGABRT \(exit status 134\)", res.stderr)
-    assert "| aborting now" in res.stderr
+    assert re.search(r"rank 0 \(pid \d+\) was killed by SIGABRT \(exitcode -6\)", res.stderr)
+    assert "last lines of stderr.log:\n    aborting now\n" in res.stderr
+    assert "corral: exit status 134" in res.stderr
     assert "corral: logs in " in res.stderr
 
 
@@ -304,14 +305,14 @@ def test_summary_falls_back_to_stdout() -> None:
     """A rank that explains itself only on stdout: the summary shows its last stdout lines."""
     res = corral("--", *code("print('config file not found'); raise SystemExit(3)"))
     assert res.returncode == 3
-    assert "last 1 line(s) of its stdout:\n    | config file not found\n" in res.stderr
+    assert "last lines of stdout.log:\n    config file not found\n" in res.stderr
 
 
 def test_missing_program_is_a_rank_failure_127() -> None:
     """A program that does not exist fails its ranks with 127, explained, not a crash."""
     res = corral("-n", "2", "--", "/nonexistent/corral-test-program")
     assert res.returncode == 127
-    assert "rank 0: could not start (exit code 127)" in res.stderr
+    assert "rank 0 (never started) could not start (exitcode 127)" in res.stderr
     assert "/nonexistent/corral-test-program" in res.stderr
 
 
@@ -326,7 +327,7 @@ def test_recorded_exception_message_in_summary() -> None:
     )
     res = corral("--", *code(src))
     assert res.returncode == 1
-    assert "message: ValueError: learning rate must be positive" in res.stderr
+    assert "corral: rank 0 failed: ValueError: learning rate must be positive" in res.stderr
     assert "error file: " in res.stderr
 
 
@@ -402,7 +403,7 @@ def test_signal_closes_group_and_leaves_nothing(sig: signal.Signals) -> None:
     err = "".join(lines.err)
     assert f"corral: received {sig.name}" in err
     assert f"corral: stopped by {sig.name}" in err
-    assert re.search(r"rank 0 \(pid \d+\): killed by SIGTERM", err)
+    assert re.search(r"rank 0 \(pid \d+\) was killed by SIGTERM", err)
     assert f"corral: exit status {128 + sig}" in err
     assert_gone(pids)
 
@@ -421,7 +422,7 @@ def test_second_sigint_skips_the_grace_period() -> None:
     assert rc == 130, lines.err
     err = "".join(lines.err)
     assert "received SIGINT again" in err
-    assert re.search(r"rank 1 \(pid \d+\): killed by SIGKILL", err)
+    assert re.search(r"rank 1 \(pid \d+\) was killed by SIGKILL", err)
     assert_gone(pids)
 
 
@@ -580,10 +581,18 @@ def test_exit_status_mapping() -> None:
     assert exit_status(failed, signal.SIGINT) == 130
     assert exit_status(Result(exit_codes={0: -15}, terminated=frozenset({0})), 15) == 143
     summary = render_summary(failed, {2: 202})
-    assert summary.splitlines()[0] == "corral: 2 of 3 rank(s) failed; root cause: rank 1"
-    assert summary.index("rank 1 (pid 101): killed by SIGSEGV") < summary.index("rank 0 (pid 100)")
-    assert "rank 2 (pid 202): killed by SIGTERM (exit status 143)" in summary
+    # The CLI's summary is Result.describe(), the one renderer (issue 10).
+    assert summary == "corral: " + replace(failed, pids={2: 202}).describe()  # no log_dir
+    assert summary.splitlines()[0] == (
+        "corral: rank 1 failed first (2 of 3 ranks failed): killed by SIGSEGV"
+    )
+    assert summary.index("rank 1 (pid 101) was killed by SIGSEGV") < summary.index(
+        "rank 0 (pid 100)"
+    )
+    assert "rank 2 (pid 202) was killed by SIGTERM (exitcode -15)" in summary
     assert render_summary(Result(exit_codes={0: 0})) == ""
+    stopped = render_summary(Result(exit_codes={0: 0}), signum=signal.SIGINT)
+    assert stopped == "corral: stopped by SIGINT"
 
 
 def test_parse_ranks() -> None:

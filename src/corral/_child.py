@@ -245,9 +245,26 @@ def _is_coroutine(value: object) -> bool:
     return type(value).__name__ == "coroutine" and hasattr(value, "send")
 
 
+def _register_stack_dump() -> None:
+    """Dump every thread's stack to stderr on SIGURG (see ``corral._stacks``).
+
+    SIGURG is ignored by default, so a rank signalled before this ran is
+    unaffected; ``chain=True`` still runs a handler the program installs
+    first. stderr, not a file of its own: the rank gets no extra descriptor.
+    """
+    try:
+        import _signal  # type: ignore[import-not-found]  # not signal: it imports enum
+        import faulthandler
+
+        faulthandler.register(_signal.SIGURG, file=sys.stderr, all_threads=True, chain=True)
+    except (AttributeError, ImportError, OSError, RuntimeError, ValueError):
+        pass  # no SIGURG here, or stderr is closed: no stack dumps for this rank
+
+
 def main(argv: list[str]) -> None:
     """Run the call described by ``argv[1]``; leave its return value in ``argv[2]``."""
     call_file, result_file = argv[1], argv[2]
+    _register_stack_dump()
     # Prompt logs: line-buffered stdout even into a file or pipe (-u/PYTHONUNBUFFERED win).
     stdout: Any = sys.stdout
     try:

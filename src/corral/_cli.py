@@ -34,22 +34,18 @@ from ._std import Std
 from ._tee import Console
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping, Sequence
-    from pathlib import Path
+    from collections.abc import Mapping, Sequence
 
-    from ._result import Failure, Result
+    from ._result import Result
 
 __all__ = ("exit_status", "main", "render_summary")
 
 PROG: Final = "corral"
 #: Exit status for bad usage (argparse's convention).
 USAGE_ERROR: Final = 2
-#: How many lines of the root cause's stderr log the failure summary shows.
-TAIL_LINES: Final = 10
 #: The signals that make corral close its group (torchrun's default list).
 HANDLED_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 RANK_FIELD: Final = "{rank}"
-_TAIL_BYTES: Final = 64 * 1024
 
 
 class _UsageError(Exception):
@@ -473,108 +469,35 @@ def exit_status(result: Result, signum: int | None = None) -> int:
     return code if code <= 255 else 1
 
 
-def _how(exitcode: int, signame: str | None) -> str:
-    if exitcode < 0:
-        name = signame or signal_name(-exitcode)
-        return f"killed by {name} (exit status {128 - exitcode})"
-    return f"exited with code {exitcode}"
-
-
-def tail_lines(path: Path | None, count: int = TAIL_LINES) -> list[str]:
-    """The last ``count`` lines of a log file (decoded for display), or ``[]``."""
-    if path is None or count <= 0:
-        return []
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - _TAIL_BYTES))
-            data = f.read()
-    except OSError:
-        return []
-    lines = data.decode("utf-8", "replace").splitlines()
-    if size > _TAIL_BYTES and lines:
-        lines = lines[1:]  # the first one is probably cut
-    return [line.rstrip("\r") for line in lines[-count:]]
-
-
 def render_summary(
     result: Result,
     pids: Mapping[int, int] | None = None,
     *,
     signum: int | None = None,
-    tail: int = TAIL_LINES,
 ) -> str:
-    """The failure summary: root cause first, then the other failed and terminated ranks.
+    """The summary for stderr: ``Result.describe()`` (the one renderer), as corral's words.
 
     Args:
         result: the group's final result.
-        pids: rank -> pid (``Group.pids``), to name the pids of terminated ranks.
+        pids: rank -> pid (``Group.pids``), when ``result`` has none.
         signum: the signal corral received, if that is why the group closed.
-        tail: how many lines of the root cause's stderr log to show.
 
     Returns:
         Lines for stderr (no trailing newline); empty when there is nothing to report.
     """
-    pids = pids or {}
-    n = len(result.exit_codes)
+    if result.ok and signum is None:
+        return ""
+    if pids and not result.pids:
+        result = dataclasses.replace(result, pids=dict(pids))
     lines: list[str] = []
     if signum is not None:
         lines.append(f"corral: stopped by {signal_name(signum)}")
-    root = result.root_cause
-    if root is not None:
-        lines.append(
-            f"corral: {len(result.failures)} of {n} rank(s) failed; root cause: rank {root.rank}"
-        )
-        lines.extend(_describe_root(root, tail))
-        others = sorted((f for f in result.failures.values() if f is not root), key=_rank_of)
-        if others:
-            lines.append("  other failed ranks:")
-            lines.extend(f"    {_one_line(f.rank, f.pid, f.exitcode, f.signal)}" for f in others)
-    if result.terminated:
-        lines.append("  terminated by corral:")
-        for rank in sorted(result.terminated):
-            code = result.exit_codes.get(rank, 0)
-            line = _one_line(rank, pids.get(rank), code, None)
-            if code >= 0:  # it exited on its own, after the closing began
-                line += " while the group was closing"
-            lines.append(f"    {line}")
+    if not result.ok:
+        # The CLI says where the logs are on a line of its own ("corral: logs in ...").
+        logs = f"logs: {result.log_dir}"
+        text = "\n".join(x for x in result.describe().splitlines() if x != logs)
+        lines.append(f"corral: {text}")
     return "\n".join(lines)
-
-
-def _rank_of(f: Failure) -> int:
-    return f.rank
-
-
-def _one_line(rank: int, pid: int | None, exitcode: int, signame: str | None) -> str:
-    if pid is None:
-        return f"rank {rank}: could not start (exit code {exitcode})"
-    return f"rank {rank} (pid {pid}): {_how(exitcode, signame)}"
-
-
-def _describe_root(root: Failure, tail: int) -> Iterator[str]:
-    yield f"  {_one_line(root.rank, root.pid, root.exitcode, root.signal)}"
-    generic = {f"exited with code {root.exitcode}", f"killed by {root.signal}"}
-    if root.message not in generic:
-        yield f"    message: {root.message}"
-    logs = root.logs
-    # Its stderr says why, usually; a rank that wrote none may have said it on stdout.
-    shown: list[str] = []
-    candidates = (("stderr", logs.stderr), ("stdout", logs.stdout)) if logs is not None else ()
-    for name, path in candidates:
-        shown = tail_lines(path, tail)
-        if shown:
-            yield f"    last {len(shown)} line(s) of its {name}:"
-            yield from (f"    | {line}" for line in shown)
-            break
-    if not shown and root.traceback:
-        yield "    traceback:"
-        yield from (f"    | {line}" for line in root.traceback.rstrip().splitlines()[-tail:])
-    if logs is not None:
-        for name, path in (("stdout", logs.stdout), ("stderr", logs.stderr)):
-            if path is not None:
-                yield f"    {name} log: {path}"
-    if root.error_file is not None:
-        yield f"    error file: {root.error_file}"
 
 
 # -- running ------------------------------------------------------------------------
@@ -686,6 +609,8 @@ async def _supervise(opts: Options, signals: _Signals, launch: _Launch, console:
     # corral owns this process: every child is its own, so orphans re-parented
     # to it can be reaped without the library's caution about a host's children.
     group._plan = dataclasses.replace(group._plan, reap_orphan_leaders=True)
+    # On a failure or a signal, the summary shows what each live rank was doing.
+    group.stacks_on_close = True
     async with group:
         signals.attach(group)
         result = await group.wait()

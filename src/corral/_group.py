@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING, Final
 
 import anyio
 
-from . import _contain, _platform
+from . import _contain, _platform, _stacks
 from ._callable import load_result
 from ._config import Entrypoint, GroupPlan, RankPlan, StdSpec, _grace, build_plan
 from ._errors import ConfigError, CorralError
@@ -125,6 +125,10 @@ class Group:
         self._contain: _contain.Containment | None = None
         #: The signal that starts a close (then the grace period, then SIGKILL).
         self._first_signal: int = signal.SIGTERM
+        #: rank -> its stacks.txt, dumped just before closing signalled it.
+        self._stacks: dict[int, Path] = {}
+        #: Dump the live ranks' stacks (``dump_stacks``) before closing signals them.
+        self.stacks_on_close: bool = False
         self.nprocs: int = plan.nprocs
         self.log_dir: Path = plan.log_dir
         self.logs: dict[int, RankLogs] = {rp.rank: rp.logs for rp in plan.ranks}
@@ -212,6 +216,46 @@ class Group:
             raise ConfigError(f"send_signal: no such rank(s) {bad}; ranks are 0..{self.nprocs - 1}")
         for r in selected:
             _killpg(self._ranks[r], sig)
+
+    async def dump_stacks(
+        self, ranks: Collection[int] | None = None, *, limit: float = _stacks.TIMEOUT
+    ) -> dict[int, str]:
+        """Dump the Python stacks of the live ranks (what each one is doing right now).
+
+        Each dump is also written to ``{log_dir}/{rank}/stacks.txt``. py-spy is
+        used when installed (any Python rank); otherwise callable ranks dump
+        through ``faulthandler`` on SIGURG to their stderr (see README).
+
+        Args:
+            ranks: the ranks to dump (default: every live rank).
+            limit: seconds for all the ranks together (they are dumped in parallel).
+
+        Returns:
+            rank -> dump text, for the ranks that gave one (never raises for
+            a rank that cannot be dumped: it is left out).
+
+        Cancellation:
+            The py-spy processes it started are killed and reaped, then
+            ``CancelledError`` propagates; the ranks are not affected.
+        """
+        self._require_started("dump_stacks")
+        wanted = set(range(self.nprocs) if ranks is None else ranks)
+        targets = [
+            _stacks.Target(
+                rank=r.plan.rank,
+                pid=r.pid,
+                callable=r.plan.result_file is not None,
+                stderr_log=r.plan.logs.stderr,
+                out=r.plan.logs.error_file.with_name(_stacks.STACKS_FILE),
+            )
+            for r in self._ranks
+            if r.plan.rank in wanted and r.alive and r.pid is not None
+        ]
+        texts = await _stacks.capture(targets, limit)
+        for t in targets:
+            if t.rank in texts:
+                self._stacks[t.rank] = t.out
+        return texts
 
     def __repr__(self) -> str:
         return (
@@ -406,6 +450,16 @@ class Group:
         for r in self._ranks:
             for pump in r.pumps:
                 pump.closing()
+        if self.stacks_on_close and any(r.alive for r in self._ranks):
+            # What each live rank was doing, before it is signalled (bounded, never fails close).
+            # The grace period starts after it, unless a close shortened it meanwhile.
+            deadline, began = self._deadline, loop.time()
+            try:
+                await self.dump_stacks()
+            except Exception:
+                _log.exception("corral: could not dump the ranks' stacks")
+            if self._deadline == deadline:
+                self._deadline += loop.time() - began
         try:
             if contain is not None:  # None: the start failed before containing anything
                 contain.closing()
@@ -539,6 +593,8 @@ class Group:
             logs=dict(self.logs),
             log_dir=self.log_dir,
             log_errors=self._log_errors(),
+            pids=self.pids,
+            stacks=dict(self._stacks),
         )
 
     def _log_errors(self) -> dict[int, tuple[str, ...]]:

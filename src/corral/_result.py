@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -19,6 +20,18 @@ TRACEBACK_LINES: Final = 40
 STDERR_TAIL_LINES: Final = 10
 TAIL_BYTES: Final = 8192
 LINE_MAX: Final = 300
+#: How many lines of each rank's stack dump ``describe()`` shows.
+STACK_LINES: Final = 20
+#: How a thread's stack starts in a py-spy or a faulthandler dump.
+_THREAD_HEADS: Final = ("Thread ", "Current thread ")
+#: What a rank says when it failed *waiting for a peer* (gloo, NCCL, c10d): such a
+#: rank is a victim of another rank's stop, not the root cause (issue 11, item 4).
+PEER_WAIT: Final = re.compile(
+    r"timed out waiting|connection closed by peer|connection reset by peer"
+    r"|DistBackendError|DistNetworkError|DistStoreError|before timing out"
+    r"|collective operation timeout|socket timeout|broken pipe",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +81,24 @@ class Failure:
     traceback: str | None = None
     logs: RankLogs | None = None
 
+    @property
+    def waited_on_peer(self) -> bool:
+        """True when the rank says it failed waiting for another rank.
+
+        That is: its message, or the last lines of its traceback, say a
+        collective or a connection to a peer timed out or broke (gloo's
+        "Timed out waiting ... for send operation", "Connection closed by
+        peer", "Connection reset by peer", torch's ``DistBackendError``,
+        NCCL's "collective operation timeout", a c10d store timeout...).
+        """
+        tail = self.traceback.rstrip().splitlines()[-3:] if self.traceback else []
+        return any(PEER_WAIT.search(text) for text in (self.message, *tail))
+
     def describe(self) -> str:
         """Return a few readable lines: what failed, how, when, the traceback, the logs.
 
         Without a traceback (no error file), the last lines of the rank's
-        stderr log are shown instead, when it has one.
+        stderr log are shown instead (of its stdout log when stderr is empty).
         """
         pid = "never started" if self.pid is None else f"pid {self.pid}"
         lines = [
@@ -82,11 +108,14 @@ class Failure:
             lines.append(f"  {self.message}")
         if self.traceback:
             lines.extend(_indent(_cut(self.traceback.rstrip().splitlines(), TRACEBACK_LINES)))
-        elif self.logs is not None and self.logs.stderr is not None:
-            tail = _tail(self.logs.stderr, STDERR_TAIL_LINES)
-            if tail:
-                lines.append(f"  last lines of {self.logs.stderr.name}:")
-                lines.extend(_indent(tail))
+        elif self.logs is not None:
+            # Its stderr says why, usually; a rank that wrote none may have said it on stdout.
+            for path in (self.logs.stderr, self.logs.stdout):
+                tail = _tail(path, STDERR_TAIL_LINES) if path is not None else []
+                if path is not None and tail:
+                    lines.append(f"  last lines of {path.name}:")
+                    lines.extend(_indent(tail))
+                    break
         if self.error_file is not None:
             lines.append(f"  error file: {self.error_file}")
         if self.logs is not None:
@@ -111,6 +140,10 @@ class Result:
         log_errors: rank -> what went wrong writing its log files (a full
             disk, a file size limit): the rank ran on, its other stream and the
             other ranks' logs kept flowing, but that file is incomplete.
+        pids: rank -> pid of every rank that started.
+        stacks: rank -> its ``stacks.txt``: what the rank was doing when corral
+            dumped its stacks (``Group.dump_stacks``, or just before closing
+            signalled it when ``Group.stacks_on_close`` is set).
     """
 
     exit_codes: dict[int, int]
@@ -120,6 +153,8 @@ class Result:
     logs: dict[int, RankLogs] = field(default_factory=dict)
     log_dir: Path | None = None
     log_errors: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    pids: dict[int, int] = field(default_factory=dict)
+    stacks: dict[int, Path] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -128,10 +163,17 @@ class Result:
 
     @property
     def root_cause(self) -> Failure | None:
-        """The earliest failure by timestamp (ties go to the lower rank), or ``None``."""
+        """The earliest failure by timestamp (ties go to the lower rank), or ``None``.
+
+        A rank that failed waiting for a peer (``Failure.waited_on_peer``: a
+        collective timed out, the connection to a peer closed) is a victim
+        of the rank that stopped: it is the root cause only when every
+        failure is such a victim. Among the others, the earliest wins.
+        """
         if not self.failures:
             return None
-        return min(self.failures.values(), key=lambda f: (f.timestamp, f.rank))
+        causes = [f for f in self.failures.values() if not f.waited_on_peer]
+        return min(causes or self.failures.values(), key=lambda f: (f.timestamp, f.rank))
 
     def raise_for_failure(self) -> None:
         """Raise ``GroupFailedError`` explaining the root cause, if any rank failed.
@@ -161,16 +203,36 @@ class Result:
             other failures:
               rank 3 (pid 4244) was killed by SIGSEGV (exitcode -11), 0.004 s later
             terminated by corral: ranks 0,2
+              rank 0 (pid 4241) was killed by SIGTERM (exitcode -15)
+              rank 2 (pid 4243) was killed by SIGTERM (exitcode -15)
+
+            what the ranks still running were doing when corral stopped them:
+              rank 0 (/tmp/corral-x/0/stacks.txt):
+                Thread 4241 (idle): "MainThread"
+                    allreduce (train.py:40)
+              ...
+
             logs: /tmp/corral-x
+
+        This is the one renderer of a failure: the ``corral`` command line's
+        summary is this text. The per-rank lines of the terminated ranks need
+        ``pids``; the stack dumps need ``stacks`` (see ``Group.dump_stacks``).
         """
         root = self.root_cause
         if root is None:
             if self.terminated:
-                return f"no rank failed; ranks {_ranges(self.terminated)} were terminated by close"
+                head = f"no rank failed; ranks {_ranges(self.terminated)} were terminated by close"
+                rest = [*self._terminated_lines()[1:], *self._stack_lines()]
+                if rest and self.log_dir is not None:
+                    rest.append(f"logs: {self.log_dir}")
+                return "\n".join([head, *rest]).rstrip("\n")
             return "\n".join(["every rank succeeded", *_log_error_lines(self.log_errors)])
         n = len(self.exit_codes)
         count = len(self.failures)
         first = "failed" if count == 1 else f"failed first ({count} of {n} ranks failed)"
+        earliest = min(self.failures.values(), key=lambda f: (f.timestamp, f.rank))
+        if earliest is not root:
+            first = f"stopped, others then failed waiting for it ({count} of {n} ranks failed)"
         lines = [
             f"rank {root.rank} {first}: {root.message}",
             "",
@@ -185,16 +247,62 @@ class Result:
             for f in others:
                 pid = "never started" if f.pid is None else f"pid {f.pid}"
                 later = f.timestamp - root.timestamp
-                line = f"  rank {f.rank} ({pid}) {_how(f)}, {later:.3f} s later"
+                when = f"{later:.3f} s later" if later >= 0 else f"{-later:.3f} s earlier"
+                line = f"  rank {f.rank} ({pid}) {_how(f)}, {when}"
                 if not _says_only_how(f):
                     line += f": {f.message}"
+                if f.waited_on_peer and not root.waited_on_peer:
+                    line += " (waiting for a peer: a victim, not the cause)"
                 lines.append(line)
-        if self.terminated:
-            lines.append(f"terminated by corral: ranks {_ranges(self.terminated)}")
+        lines += self._terminated_lines()
+        lines += self._stack_lines()
         if self.log_dir is not None:
             lines.append(f"logs: {self.log_dir}")
         lines += _log_error_lines(self.log_errors)
         return "\n".join(lines)
+
+    def _terminated_lines(self) -> list[str]:
+        """``terminated by corral: ranks ...``, then each with its pid and end, when known."""
+        if not self.terminated:
+            return []
+        lines = [f"terminated by corral: ranks {_ranges(self.terminated)}"]
+        if self.pids:
+            for rank in sorted(self.terminated):
+                code = self.exit_codes.get(rank, 0)
+                pid = self.pids.get(rank)
+                how = (
+                    f"was killed by {signal_name(-code)} (exitcode {code})"
+                    if code < 0
+                    else (f"exited with code {code} while the group was closing")
+                )
+                lines.append(f"  rank {rank} ({'pid ' + str(pid) if pid else 'no pid'}) {how}")
+        return lines
+
+    def _stack_lines(self) -> list[str]:
+        """The stack dumps of the ranks corral stopped, each cut to ``STACK_LINES``."""
+        lines: list[str] = []
+        for rank in sorted(self.stacks):
+            path = self.stacks[rank]
+            try:
+                text = path.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            dump = [line.rstrip()[:LINE_MAX] for line in text.splitlines() if line.strip()]
+            # From the first thread on (py-spy starts with the process and Python version).
+            heads = [i for i, line in enumerate(dump) if line.startswith(_THREAD_HEADS)]
+            dump = dump[heads[0] :] if heads else dump
+            if not dump:
+                continue
+            if not lines:
+                lines += ["", "what the ranks still running were doing when corral stopped them:"]
+            lines.append(f"  rank {rank} ({path}):")
+            shown = dump[:STACK_LINES]
+            lines.extend(_indent(shown))
+            if len(dump) > len(shown):
+                lines.append(f"    ... ({len(dump) - len(shown)} more lines in the file)")
+        if lines:
+            lines.append("")
+        return lines
 
 
 def _log_error_lines(log_errors: Mapping[int, tuple[str, ...]]) -> list[str]:
