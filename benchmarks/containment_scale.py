@@ -23,7 +23,8 @@ import threading
 import time
 from typing import IO, cast
 
-import corral
+from corral._config import SpawnOptions
+from corral._group import _spawn
 from corral._tee import Console
 
 RANK = ["/bin/sh", "-c", 'trap "" TERM; echo ready; exec sleep 1000']
@@ -75,7 +76,7 @@ async def measure(nprocs: int, grace: float, idle: float) -> dict[str, float]:
     threads_before = _threads()
     fds_before = _fds()
     t0 = time.perf_counter()
-    group = corral.spawn(RANK, nprocs=nprocs, tee="all", grace=grace, console=console)
+    group = _spawn(RANK, console, SpawnOptions(nprocs=nprocs, tee="all", grace=grace))
     async with group:
         await asyncio.wait_for(out.reached.wait(), timeout=120)
         started = time.perf_counter() - t0

@@ -7,11 +7,12 @@ import contextlib
 import io
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Unpack
 
 import psutil
 import pytest
 
+from corral._group import _run, _spawn
 from corral._tee import Console
 
 from .helpers import MECHANISMS, use_mechanism
@@ -20,6 +21,9 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from _typeshed import ReadableBuffer
+
+    import corral
+    from corral._config import Entrypoint, SpawnOptions
 
 
 def python(code: str) -> list[str]:
@@ -146,3 +150,17 @@ def mechanism(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 def walk(monkeypatch: pytest.MonkeyPatch) -> None:
     """Force the /proc walk (the watchdog's tests)."""
     use_mechanism("walk", monkeypatch)
+
+
+def spawn_on(
+    entrypoint: Entrypoint, *, console: Console, **options: Unpack[SpawnOptions]
+) -> corral.Group:
+    """``corral.spawn`` teeing to ``console`` (the library's private way, as the CLI's)."""
+    return _spawn(entrypoint, console, options)
+
+
+async def run_on(
+    entrypoint: Entrypoint, *, console: Console, **options: Unpack[SpawnOptions]
+) -> corral.Result:
+    """``corral.run`` teeing to ``console``."""
+    return await _run(entrypoint, console, options)

@@ -21,7 +21,7 @@ import corral
 from corral._tee import Console
 
 from .children import callable_fns as fns
-from .conftest import watched_console
+from .conftest import run_on, spawn_on, watched_console
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -84,7 +84,7 @@ async def test_callable_output_is_teed_with_prefix(tmp_path: Path) -> None:
     out, err = io.BytesIO(), io.BytesIO()
     console = Console.create(stdout=out, stderr=err, color=False)
     async with asyncio.timeout(20):
-        result = await corral.run(
+        result = await run_on(
             fns.void, nprocs=2, args=("tee",), tee="all", log_dir=tmp_path, console=console
         )
     assert result.ok
@@ -166,7 +166,7 @@ async def test_close_terminates_callable_ranks(tmp_path: Path) -> None:
     """Closing a group of running callables ends them by SIGTERM: terminated, not failed."""
     console, out, _ = watched_console()
     async with asyncio.timeout(20):
-        async with corral.spawn(
+        async with spawn_on(
             fns.block, nprocs=2, tee="out", log_dir=tmp_path / "logs", console=console
         ) as group:
             await out.wait_for(b"ready", 2)  # handshake: both ranks are inside fn

@@ -15,9 +15,7 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 
-import corral
-
-from .conftest import watched_console
+from .conftest import spawn_on, watched_console
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -37,7 +35,7 @@ async def test_a_cancelled_scope_costs_no_cpu_while_the_close_waits(canceller: s
 
     async def body() -> None:
         nonlocal started
-        async with corral.spawn(STUBBORN, nprocs=1, tee="out", grace=1.0, console=console) as g:
+        async with spawn_on(STUBBORN, nprocs=1, tee="out", grace=1.0, console=console) as g:
             await out.wait_for(b"ready")
             started = time.process_time()
             cancel()
@@ -68,7 +66,7 @@ async def test_a_cancelled_explicit_close_still_hurries_under_anyio() -> None:
     (SIGKILL now), finishes the clean-up, and the scope catches the cancellation."""
     console, out, _ = watched_console()
     async with asyncio.timeout(10):  # grace is 60 s: only hurrying ends in time
-        group = corral.spawn(STUBBORN, nprocs=1, tee="out", grace=60.0, console=console)
+        group = spawn_on(STUBBORN, nprocs=1, tee="out", grace=60.0, console=console)
         async with group:
             await out.wait_for(b"ready")
             with anyio.CancelScope() as scope:

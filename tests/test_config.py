@@ -205,3 +205,16 @@ async def test_pathlike_entrypoint_and_cwd(tmp_path: Path) -> None:
     )
     assert result.ok
     assert (tmp_path / "logs" / "0" / "stdout.log").read_text().strip() == os.fspath(work)
+
+
+def test_an_unknown_keyword_is_named_with_a_suggestion(tmp_path: Path) -> None:
+    """spawn/run take exactly SpawnOptions' keywords; a typo is a ConfigError with a hint."""
+    with pytest.raises(corral.ConfigError, match=r"'nproc' \(did you mean 'nprocs'\?\)"):
+        corral.spawn(python("pass"), nproc=2, log_dir=tmp_path / "logs")  # type: ignore[call-arg]
+    assert not (tmp_path / "logs").exists()
+
+
+def test_pid_namespace_must_be_a_bool_or_none(tmp_path: Path) -> None:
+    """The containment choice is validated with the rest."""
+    with pytest.raises(corral.ConfigError, match="pid_namespace"):
+        corral.spawn(python("pass"), nprocs=1, pid_namespace="yes")  # type: ignore[arg-type]

@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-import corral
 from corral._tee import Console
 
-from .conftest import python
+from .conftest import python, run_on, spawn_on
 from .helpers import wait_exit
 
 if TYPE_CHECKING:
@@ -71,7 +70,7 @@ async def test_library_console_whose_reader_is_gone(
     try:
         with caplog.at_level(logging.WARNING, logger="corral"):
             async with asyncio.timeout(30):
-                result = await corral.run(
+                result = await run_on(
                     python("print('hi' * 1000)"),
                     nprocs=2,
                     tee="out",
@@ -146,7 +145,7 @@ async def test_library_console_socket_never_blocks_the_loop(tmp_path: Path) -> N
     console = Console.create(stdout=out, stderr=out, color=False)
     try:
         async with asyncio.timeout(60):
-            async with corral.spawn(
+            async with spawn_on(
                 python(FLOOD), nprocs=2, tee="out", log_dir=tmp_path, console=console, grace=0.5
             ) as group:
                 # The console is being written (then left unread).

@@ -20,11 +20,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-import corral
 from corral import _platform
 from corral._tee import Console
 
-from .conftest import python
+from .conftest import python, run_on, spawn_on
 from .helpers import (
     CHILDREN,
     handshakes,
@@ -63,7 +62,7 @@ async def test_full_pipe_is_drained(tmp_path: Path) -> None:
         "    n -= os.write(1, buf[:n])\n"
     )
     async with asyncio.timeout(60):
-        result = await corral.run(
+        result = await run_on(
             python(code), nprocs=2, tee="out", log_dir=tmp_path / "logs", console=console
         )
     assert result.ok, result.describe()
@@ -94,7 +93,7 @@ async def test_close_while_rank_is_writing_and_ignores_sigterm(tmp_path: Path) -
         )
         since = time.time()
         async with asyncio.timeout(GRACE + 20):
-            async with corral.spawn(
+            async with spawn_on(
                 python(code), nprocs=2, tee="out", log_dir=tmp_path / "logs", console=console
             ) as group:
                 report = await hs.report(2)
@@ -118,7 +117,7 @@ async def test_rank_closes_stdout_early(tmp_path: Path) -> None:
         "sys.stderr.write('after\\n'); sys.stderr.flush()\n"
     )
     async with asyncio.timeout(30):
-        result = await corral.run(
+        result = await run_on(
             python(code), nprocs=1, tee="all", log_dir=tmp_path / "logs", console=console
         )
     assert result.ok, result.describe()
@@ -134,7 +133,7 @@ async def test_grandchild_holding_the_pipe(tmp_path: Path) -> None:
     since = time.time()
     with handshakes(tmp_path) as hs:
         async with asyncio.timeout(30):
-            group = corral.spawn(
+            group = spawn_on(
                 rank_argv("setsid", hs.path),
                 nprocs=2,
                 tee="all",
@@ -182,7 +181,7 @@ async def test_escaped_process_holding_the_pipe(
     before = set(own_children())
     try:
         async with asyncio.timeout(30):
-            result = await corral.run(
+            result = await run_on(
                 python(code), nprocs=1, tee="out", log_dir=tmp_path / "logs", console=console
             )
         assert result.ok, result.describe()

@@ -17,7 +17,7 @@ import corral
 from corral import CorralError, Group, GroupFailedError, Std
 
 from .children import callable_fns as fns
-from .conftest import python, watched_console
+from .conftest import python, run_on, spawn_on, watched_console
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -50,7 +50,7 @@ async def ready_group(
     console, out, _ = watched_console()
     async with (
         asyncio.timeout(10),
-        corral.spawn(
+        spawn_on(
             python(code), nprocs=nprocs, tee="out", grace=grace, log_dir=log_dir, console=console
         ) as group,
     ):
@@ -86,7 +86,7 @@ async def test_first_failure_closes_the_others(tmp_path: Path) -> None:
     console, _out, _ = watched_console()
     async with (
         asyncio.timeout(10),
-        corral.spawn(
+        spawn_on(
             python(code), nprocs=4, tee="out", grace=5, log_dir=tmp_path, console=console
         ) as group,
     ):
@@ -159,7 +159,7 @@ async def test_poll_before_and_after(tmp_path: Path) -> None:
     )
     async with (
         asyncio.timeout(10),
-        corral.spawn(python(code), nprocs=2, tee="out", log_dir=tmp_path, console=console) as group,
+        spawn_on(python(code), nprocs=2, tee="out", log_dir=tmp_path, console=console) as group,
     ):
         await out.wait_for(b"ready", 2)
         assert group.poll() is None
@@ -193,7 +193,7 @@ async def test_escalation_to_sigkill(tmp_path: Path) -> None:
 async def test_leaving_the_block_by_exception_closes_first(tmp_path: Path) -> None:
     """An exception in the async-with body closes the group, then propagates."""
     console, out, _ = watched_console()
-    group = corral.spawn(
+    group = spawn_on(
         python(SLEEPER), nprocs=2, tee="out", grace=5, log_dir=tmp_path, console=console
     )
     with pytest.raises(RuntimeError, match="boom"):
@@ -210,7 +210,7 @@ async def test_double_cancel_still_cleans_up(tmp_path: Path) -> None:
     """A task cancelled twice with raw Task.cancel() while its group closes (ranks ignore
     SIGTERM) still finishes the clean-up before CancelledError propagates."""
     console, out, _ = watched_console()
-    group = corral.spawn(
+    group = spawn_on(
         python(IGNORE_TERM),
         nprocs=2,
         tee="out",
@@ -278,7 +278,7 @@ async def test_grandchild_holding_the_pipe_does_not_block_wait(tmp_path: Path) -
     )
     console, out, _ = watched_console()
     async with asyncio.timeout(10):
-        result = await corral.run(
+        result = await run_on(
             python(code), nprocs=1, tee="out", grace=5, log_dir=tmp_path, console=console
         )
     assert result.ok
@@ -298,7 +298,7 @@ async def test_no_fd_beyond_stdio_leaks_into_ranks(kind: str, tmp_path: Path) ->
         if kind == "callable":
             result = await corral.run(fns.open_fds, nprocs=2, log_dir=logs)
         else:
-            result = await corral.run(
+            result = await run_on(
                 python(code),
                 nprocs=2,
                 redirects="out",
@@ -335,7 +335,7 @@ async def test_send_signal(tmp_path: Path) -> None:
     console, out, _ = watched_console()
     async with (
         asyncio.timeout(10),
-        corral.spawn(python(code), nprocs=2, tee="out", log_dir=tmp_path, console=console) as group,
+        spawn_on(python(code), nprocs=2, tee="out", log_dir=tmp_path, console=console) as group,
     ):
         await out.wait_for(b"ready", 2)
         with pytest.raises(corral.ConfigError, match="no such rank"):
@@ -362,7 +362,7 @@ async def test_threads_do_not_grow_with_ranks(tmp_path: Path) -> None:
     console, out, _ = watched_console()
     async with (
         asyncio.timeout(20),
-        corral.spawn(
+        spawn_on(
             python(SLEEPER), nprocs=64, tee="out", grace=5, log_dir=tmp_path, console=console
         ) as group,
     ):
@@ -387,7 +387,7 @@ async def test_wait_cancelled_while_running_leaves_the_group_running(tmp_path: P
     console, out, _ = watched_console()
     async with (
         asyncio.timeout(10),
-        corral.spawn(
+        spawn_on(
             python(SLEEPER),
             nprocs=1,
             tee="out",

@@ -21,7 +21,7 @@ import pytest
 import corral
 from corral import _contain, _pidns, _platform
 
-from .conftest import python, watched_console
+from .conftest import python, spawn_on, watched_console
 from .helpers import (
     own_children,
     reap_new_children,
@@ -124,7 +124,7 @@ async def test_close_catches_children_forked_while_it_signals() -> None:
     for _ in range(10):
         console, out, _err = watched_console()
         async with asyncio.timeout(30):
-            async with corral.spawn(
+            async with spawn_on(
                 [*python(FORKER), arg], nprocs=2, tee="out", grace=2.0, console=console
             ) as group:
                 assert isinstance(group._contain, _contain.NamespaceContainment)
@@ -249,3 +249,11 @@ async def test_a_group_inside_a_rank_gets_a_namespace_of_its_own(tmp_path: Path)
     for line in lines:
         # The pid as seen from the host, the outer group's namespace, the inner one's.
         assert len(line.split(":")[-1].split()) == 3, line
+
+
+async def test_the_keyword_chooses_the_walk() -> None:
+    """``pid_namespace=False`` beats the environment: the group walks /proc instead."""
+    async with corral.spawn(python("pass"), nprocs=1, pid_namespace=False) as group:
+        assert isinstance(group._contain, _contain.WalkContainment)
+        result = await group.wait()
+    assert result.ok

@@ -18,7 +18,7 @@ from corral import Std, _pump
 from corral._pump import LINE_CAP
 from corral._tee import Console
 
-from .conftest import python, watched_console
+from .conftest import python, run_on, spawn_on, watched_console
 
 if TYPE_CHECKING:
     import pytest
@@ -46,7 +46,7 @@ async def test_eight_mib_of_every_byte_value_through_the_tee(tmp_path: Path) -> 
     code = f"import sys; sys.stdout.buffer.write(open({str(blob)!r}, 'rb').read())"
     console, out, _ = _console()
     async with asyncio.timeout(30):
-        result = await corral.run(
+        result = await run_on(
             python(code), nprocs=1, tee=Std.OUT, log_dir=tmp_path / "logs", console=console
         )
     assert result.ok
@@ -84,7 +84,7 @@ async def test_prefix_stream_field_and_console_streams(tmp_path: Path) -> None:
     """Teed stdout goes to the console's stdout and stderr to its stderr, each prefixed."""
     code = "import sys; print('o1'); sys.stderr.write('e1\\n'); print('o2')"
     console, out, err = _console()
-    result = await corral.run(
+    result = await run_on(
         python(code),
         nprocs=2,
         tee="all",
@@ -101,7 +101,7 @@ async def test_prefix_stream_field_and_console_streams(tmp_path: Path) -> None:
 async def test_tee_ranks_filters_the_console_not_the_files(tmp_path: Path) -> None:
     """Only tee_ranks reach the console; every rank still writes its log files."""
     console, out, _ = _console()
-    result = await corral.run(
+    result = await run_on(
         python("import os; print('rank', os.environ['RANK'])"),
         nprocs=3,
         tee="all",
@@ -118,7 +118,7 @@ async def test_tee_ranks_filters_the_console_not_the_files(tmp_path: Path) -> No
 async def test_per_rank_tee_mapping(tmp_path: Path) -> None:
     """A tee mapping may omit ranks: they get Std.NONE (no file unless redirected)."""
     console, out, err = _console()
-    result = await corral.run(
+    result = await run_on(
         python("import sys; print('o'); print('e', file=sys.stderr)"),
         nprocs=3,
         tee={0: Std.OUT, 2: Std.ERR},
@@ -152,7 +152,7 @@ async def test_a_huge_line_is_teed_in_bounded_pieces(
         f"import sys; sys.stdout.buffer.write(b'x' * {size}); sys.stdout.buffer.write(b'\\nend\\n')"
     )
     console, out, _ = _console()
-    result = await corral.run(python(code), nprocs=1, tee="out", log_dir=tmp_path, console=console)
+    result = await run_on(python(code), nprocs=1, tee="out", log_dir=tmp_path, console=console)
     assert result.ok
     assert (tmp_path / "0" / "stdout.log").read_bytes() == b"x" * size + b"\nend\n"
     lines = out.getvalue().split(b"\n")
@@ -184,7 +184,7 @@ async def test_output_written_just_before_a_kill_is_kept(tmp_path: Path) -> None
     )
     console, out, err = watched_console()
     async with asyncio.timeout(20):
-        async with corral.spawn(
+        async with spawn_on(
             python(code), nprocs=1, tee="all", grace=0.5, log_dir=tmp_path, console=console
         ) as group:
             await err.wait_for(b"ready")
@@ -264,7 +264,7 @@ async def test_a_console_nobody_reads_never_blocks_the_loop(
     try:
         async with (
             asyncio.timeout(20),
-            corral.spawn(
+            spawn_on(
                 python(code), nprocs=1, tee="all", grace=0.2, log_dir=tmp_path, console=console
             ) as group,
         ):

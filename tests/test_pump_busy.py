@@ -6,11 +6,10 @@ import asyncio
 import io
 from typing import TYPE_CHECKING
 
-import corral
 from corral import _pump
 from corral._tee import Console
 
-from .conftest import python
+from .conftest import python, run_on, spawn_on
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -44,7 +43,7 @@ async def test_busy_stream_keeps_every_byte_and_whole_lines(tmp_path: Path) -> N
     _pump.Pump._grow = spy  # type: ignore[method-assign]
     try:
         async with asyncio.timeout(30):
-            result = await corral.run(
+            result = await run_on(
                 python(_WRITER), nprocs=1, log_dir=tmp_path / "logs", tee="out", console=console
             )
     finally:
@@ -71,7 +70,7 @@ async def test_growth_budget_exhausted_keeps_default(
     monkeypatch.setattr(_pump, "MAX_GROWN", 0)
     console = Console.create(stdout=io.BytesIO(), stderr=io.BytesIO(), color=False)
     async with asyncio.timeout(30):
-        group = corral.spawn(
+        group = spawn_on(
             python(_WRITER), nprocs=1, log_dir=tmp_path / "logs", tee="out", console=console
         )
         async with group:
@@ -98,7 +97,7 @@ async def test_quiet_stream_keeps_default_pipe(tmp_path: Path) -> None:
     _pump.Pump._grow = spy  # type: ignore[method-assign]
     try:
         async with asyncio.timeout(30):
-            result = await corral.run(
+            result = await run_on(
                 python("print('a'); print('b')"),
                 nprocs=1,
                 log_dir=tmp_path / "logs",

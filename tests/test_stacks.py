@@ -17,6 +17,8 @@ from corral import Failure, Result, _stacks
 from tests.children import stack_fns
 from tests.conftest import watched_console
 
+from .conftest import spawn_on
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -143,7 +145,7 @@ async def test_dump_stacks_shows_where_each_live_rank_is(use_py_spy: bool, tmp_p
     """group.dump_stacks(): each live rank's stack, in stacks.txt too; the ranks run on."""
     console, _out, err = watched_console()
     async with asyncio.timeout(20):
-        async with corral.spawn(
+        async with spawn_on(
             stack_fns.blocked_in_collective,
             nprocs=2,
             tee="all",
@@ -173,7 +175,7 @@ async def test_failure_records_what_the_other_ranks_were_doing(
     Result.describe() (GroupFailedError's text, the CLI's summary) shows the dumps."""
     console, out, _err = watched_console()
     async with asyncio.timeout(20):
-        async with corral.spawn(
+        async with spawn_on(
             stack_fns.blocked_in_collective,
             nprocs=3,
             tee="all",

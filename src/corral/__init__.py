@@ -5,6 +5,7 @@ log files and a prefixed console tee, report the first failure's root cause,
 and close with SIGTERM, a grace period and SIGKILL, leaving no process behind.
 """
 
+from ._config import SpawnOptions as SpawnOptions
 from ._errors import ConfigError as ConfigError
 from ._errors import CorralError as CorralError
 from ._errors import GroupFailedError as GroupFailedError
@@ -27,6 +28,7 @@ __all__ = (
     "GroupFailedError",
     "RankLogs",
     "Result",
+    "SpawnOptions",
     "Std",
     "record",
     "run",

@@ -26,9 +26,9 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn
 
-from ._config import MAX_NPROCS
+from ._config import MAX_NPROCS, SpawnOptions
 from ._errors import ConfigError, CorralError
-from ._group import Group, spawn
+from ._group import Group, _spawn
 from ._result import signal_name
 from ._std import Std
 from ._tee import Console
@@ -592,8 +592,7 @@ async def _run_group(opts: Options, signals: _Signals) -> int:
 
 
 async def _supervise(opts: Options, signals: _Signals, launch: _Launch, console: Console) -> int:
-    group = spawn(
-        launch.entrypoint,
+    options = SpawnOptions(
         nprocs=opts.nprocs,
         args=launch.args,
         env=launch.env,
@@ -604,11 +603,10 @@ async def _supervise(opts: Options, signals: _Signals, launch: _Launch, console:
         tee_ranks=opts.tee_ranks,
         prefix=opts.prefix,
         grace=opts.grace,
-        console=console,
     )
     # corral owns this process: every child is its own, so orphans re-parented
     # to it can be reaped without the library's caution about a host's children.
-    group._plan = dataclasses.replace(group._plan, reap_orphan_leaders=True)
+    group = _spawn(launch.entrypoint, console, options, owns_process=True)
     # On a failure or a signal, the summary shows what each live rank was doing.
     group.stacks_on_close = True
     async with group:

@@ -16,14 +16,22 @@ import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, TypeAlias, cast
+from typing import Final, TypeAlias, TypedDict, cast
 
 from . import _callable
 from ._errors import ConfigError
 from ._result import RankLogs
 from ._std import Std
 
-__all__ = ("Entrypoint", "GroupPlan", "RankPlan", "StdSpec", "build_plan")
+__all__ = (
+    "MAX_NPROCS",
+    "Entrypoint",
+    "GroupPlan",
+    "RankPlan",
+    "SpawnOptions",
+    "StdSpec",
+    "build_plan",
+)
 
 Entrypoint: TypeAlias = "str | os.PathLike[str] | Sequence[str] | Callable[..., object]"
 StdSpec: TypeAlias = "Std | int | str | Mapping[int, Std | int | str]"
@@ -81,26 +89,76 @@ class GroupPlan:
     reap_orphan_leaders: bool = False
 
 
-def build_plan(
-    entrypoint: Entrypoint,
-    *,
-    nprocs: int | None = None,
-    args: Sequence[object] | Mapping[int, Sequence[object]] | None = None,
-    env: Mapping[str, str] | None = None,
-    envs: Mapping[int, Mapping[str, str]] | None = None,
-    log_dir: str | os.PathLike[str] | None = None,
-    redirects: StdSpec = Std.NONE,
-    tee: StdSpec = Std.NONE,
-    tee_ranks: Collection[int] | None = None,
-    prefix: str = "[{rank}]: ",
-    grace: float = 30.0,
-    cwd: str | os.PathLike[str] | None = None,
-) -> GroupPlan:
+class SpawnOptions(TypedDict, total=False):
+    """The keywords of :func:`corral.spawn` and :func:`corral.run` (all optional).
+
+    Declared once: ``spawn``, ``run`` and :func:`build_plan` all take exactly these.
+    """
+
+    #: Number of ranks (0..nprocs-1); may be omitted when ``args`` or ``envs``
+    #: is a per-rank mapping.
+    nprocs: int | None
+    #: Extra argv (command) or positional arguments (callable): one sequence
+    #: for every rank, or rank -> sequence.
+    args: Sequence[object] | Mapping[int, Sequence[object]] | None
+    #: Variables for every rank (over the parent's and the rank variables).
+    env: Mapping[str, str] | None
+    #: rank -> variables (over ``env``).
+    envs: Mapping[int, Mapping[str, str]] | None
+    #: Where ``{rank}/stdout.log`` etc. go; default a fresh temporary folder.
+    log_dir: str | os.PathLike[str] | None
+    #: Streams that go to log files (``Std``, a spec string, or rank -> Std).
+    redirects: StdSpec
+    #: Streams that go to the log files and to the console.
+    tee: StdSpec
+    #: The ranks whose tee reaches the console (default: all).
+    tee_ranks: Collection[int] | None
+    #: Format of each teed line's prefix; fields ``{rank}``, ``{stream}``.
+    prefix: str
+    #: Seconds between SIGTERM and SIGKILL when closing (default 30).
+    grace: float
+    #: Working directory of the ranks.
+    cwd: str | os.PathLike[str] | None
+    #: Contain the group in a PID namespace of its own: ``None`` (default)
+    #: where the kernel allows it, ``True`` always (else the start fails),
+    #: ``False`` never (the ``/proc`` walk). See README "Containment".
+    pid_namespace: bool | None
+
+
+_OPTIONS: Final = frozenset(SpawnOptions.__annotations__)
+
+
+def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
     """Validate ``spawn()``'s arguments and create the log directories.
 
     Raises:
         ConfigError: anything is wrong; nothing has been created then.
     """
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        import difflib
+
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, _OPTIONS, n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"unknown keyword argument(s): {', '.join(hints)}")
+    nprocs = options.get("nprocs")
+    args = options.get("args")
+    env = options.get("env")
+    envs = options.get("envs")
+    log_dir = options.get("log_dir")
+    redirects = options.get("redirects", Std.NONE)
+    tee = options.get("tee", Std.NONE)
+    tee_ranks = options.get("tee_ranks")
+    prefix = options.get("prefix", "[{rank}]: ")
+    grace = options.get("grace", 30.0)
+    cwd = options.get("cwd")
+    pid_namespace = options.get("pid_namespace")
+    if pid_namespace is not None and not isinstance(pid_namespace, bool):
+        raise ConfigError(
+            f"pid_namespace must be True, False or None, not {type(pid_namespace).__name__}"
+        )
     is_callable = not isinstance(entrypoint, (str, os.PathLike)) and callable(entrypoint)
     n = _nprocs(nprocs, args, envs)
     per_rank_args = _per_rank_args(args, n, is_callable)
@@ -189,6 +247,7 @@ def build_plan(
         cwd=work_dir,
         token=token,
         is_callable=is_callable,
+        pid_namespace=pid_namespace,
     )
 
 
@@ -477,3 +536,4 @@ def _log_dir(log_dir: object, n: int) -> tuple[Path, list[Path]]:
     except OSError as exc:
         raise ConfigError(f"cannot create log_dir {str(root)!r}: {exc.strerror or exc}") from exc
     return root, missing
+SpawnOptions.__module__ = "corral"

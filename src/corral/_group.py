@@ -11,6 +11,7 @@ finishes and every caller gets the same ``Result``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import errno
 import logging
@@ -18,13 +19,13 @@ import os
 import signal
 import time
 import warnings
-from typing import IO, TYPE_CHECKING, Final
+from typing import IO, TYPE_CHECKING, Final, Unpack
 
 import anyio
 
 from . import _contain, _platform, _stacks
 from ._callable import load_result
-from ._config import Entrypoint, GroupPlan, RankPlan, StdSpec, _grace, build_plan
+from ._config import Entrypoint, GroupPlan, RankPlan, SpawnOptions, _grace, build_plan
 from ._errors import ConfigError, CorralError
 from ._pump import Pump, open_pump
 from ._record import read_error_file
@@ -34,7 +35,7 @@ from ._std import Std
 from ._tee import Console
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Iterable, Mapping, Sequence
+    from collections.abc import Collection, Iterable
     from pathlib import Path
     from types import TracebackType
 
@@ -729,82 +730,27 @@ def _killpg(r: _Rank, sig: int, *, held: bool = False) -> None:
                 pass
 
 
-def spawn(
-    entrypoint: Entrypoint,
-    *,
-    nprocs: int | None = None,
-    args: Sequence[object] | Mapping[int, Sequence[object]] | None = None,
-    env: Mapping[str, str] | None = None,
-    envs: Mapping[int, Mapping[str, str]] | None = None,
-    log_dir: str | os.PathLike[str] | None = None,
-    redirects: StdSpec = Std.NONE,
-    tee: StdSpec = Std.NONE,
-    tee_ranks: Collection[int] | None = None,
-    prefix: str = "[{rank}]: ",
-    grace: float = 30.0,
-    cwd: str | os.PathLike[str] | None = None,
-    console: Console | None = None,
-) -> Group:
+def spawn(entrypoint: Entrypoint, **options: Unpack[SpawnOptions]) -> Group:
     """Plan a group of ranks; ``async with`` the returned :class:`Group` starts them.
 
     Args:
         entrypoint: a command (``str``/path, or an argv sequence; never run
             through a shell) or a module-level Python callable (run in a fresh
             interpreter per rank).
-        nprocs: number of ranks; may be omitted when ``args`` or ``envs`` is a
-            per-rank mapping.
-        args: extra argv (command) or positional arguments (callable): one
-            sequence for every rank, or a mapping rank -> sequence.
-        env: variables for every rank (over the parent's and the rank variables).
-        envs: rank -> variables (over ``env``).
-        log_dir: where ``{rank}/stdout.log`` etc. go; default a fresh temporary folder.
-        redirects: streams that go to log files (``Std``, a spec string, or rank -> Std).
-        tee: streams that go to the log files and to the console.
-        tee_ranks: the ranks whose tee reaches the console (default: all).
-        prefix: format of each teed line's prefix; fields ``{rank}``, ``{stream}``.
-        grace: seconds between SIGTERM and SIGKILL when closing.
-        cwd: working directory of the ranks.
-        console: where teed lines go (default: this process's stdout/stderr).
+        **options: the keywords of :class:`SpawnOptions`: ``nprocs``, ``args``,
+            ``env``, ``envs``, ``log_dir``, ``redirects``, ``tee``,
+            ``tee_ranks``, ``prefix``, ``grace``, ``cwd``, ``pid_namespace``.
 
     Returns:
         An unstarted :class:`Group`.
 
     Raises:
-        ConfigError: any argument is invalid; nothing was started.
+        ConfigError: any argument is invalid; nothing was started or created.
     """
-    plan = build_plan(
-        entrypoint,
-        nprocs=nprocs,
-        args=args,
-        env=env,
-        envs=envs,
-        log_dir=log_dir,
-        redirects=redirects,
-        tee=tee,
-        tee_ranks=tee_ranks,
-        prefix=prefix,
-        grace=grace,
-        cwd=cwd,
-    )
-    return Group(plan, console)
+    return _spawn(entrypoint, None, options)
 
 
-async def run(
-    entrypoint: Entrypoint,
-    *,
-    nprocs: int | None = None,
-    args: Sequence[object] | Mapping[int, Sequence[object]] | None = None,
-    env: Mapping[str, str] | None = None,
-    envs: Mapping[int, Mapping[str, str]] | None = None,
-    log_dir: str | os.PathLike[str] | None = None,
-    redirects: StdSpec = Std.NONE,
-    tee: StdSpec = Std.NONE,
-    tee_ranks: Collection[int] | None = None,
-    prefix: str = "[{rank}]: ",
-    grace: float = 30.0,
-    cwd: str | os.PathLike[str] | None = None,
-    console: Console | None = None,
-) -> Result:
+async def run(entrypoint: Entrypoint, **options: Unpack[SpawnOptions]) -> Result:
     """Spawn a group, wait for it and close it; see :func:`spawn` for the arguments.
 
     Returns:
@@ -815,22 +761,30 @@ async def run(
         The group is closed (SIGTERM, grace, SIGKILL, reap) before
         ``CancelledError`` propagates.
     """
-    group = spawn(
-        entrypoint,
-        nprocs=nprocs,
-        args=args,
-        env=env,
-        envs=envs,
-        log_dir=log_dir,
-        redirects=redirects,
-        tee=tee,
-        tee_ranks=tee_ranks,
-        prefix=prefix,
-        grace=grace,
-        cwd=cwd,
-        console=console,
-    )
-    async with group:
+    return await _run(entrypoint, None, options)
+
+
+def _spawn(
+    entrypoint: Entrypoint,
+    console: Console | None,
+    options: SpawnOptions,
+    *,
+    owns_process: bool = False,
+) -> Group:
+    """``spawn`` with the console to tee to (the CLI's, a test's); not public.
+
+    ``owns_process``: the caller owns this process (the CLI): orphans
+    re-parented to it are all corral's (see ``GroupPlan.reap_orphan_leaders``).
+    """
+    plan = build_plan(entrypoint, options)
+    if owns_process:
+        plan = dataclasses.replace(plan, reap_orphan_leaders=True)
+    return Group(plan, console)
+
+
+async def _run(entrypoint: Entrypoint, console: Console | None, options: SpawnOptions) -> Result:
+    """``run`` with the console to tee to; not public."""
+    async with _spawn(entrypoint, console, options) as group:
         return await group.wait()
 
 
