@@ -536,4 +536,6 @@ def _log_dir(log_dir: object, n: int) -> tuple[Path, list[Path]]:
     except OSError as exc:
         raise ConfigError(f"cannot create log_dir {str(root)!r}: {exc.strerror or exc}") from exc
     return root, missing
+
+
 SpawnOptions.__module__ = "corral"
