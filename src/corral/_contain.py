@@ -201,12 +201,12 @@ class NamespaceContainment(Containment):
         ns = self._ns
         if ranks.any_alive() or ns.has_members():
             # The graceful part: the first signal reaches every rank's process
-            # group, then every descendant found (pidfds pin them); one that
-            # appears later gets only the final SIGKILL. The ranks go first:
-            # in the namespace, the children of a rank that dies meanwhile are
-            # re-parented to the init, where the walk still finds them.
-            ranks.signal_ranks(first_signal)
+            # group and every descendant that exists now (found first, pinned
+            # by pidfds); one born later, e.g. a helper a rank starts on
+            # SIGTERM to save its work, is left to finish its job within the
+            # grace period, then ended by the final SIGKILL with the rest.
             self.tracked.add(_members(ns.members(ranks.held_pids())))
+            ranks.signal_ranks(first_signal)
             self.tracked.signal_all(first_signal)
             await ranks.wait_dead(self.tracked, use_deadline=True)
         # Exact: the kernel SIGKILLs every process of the namespace.
