@@ -156,8 +156,15 @@ async def _end_by_signal(kind: str, ending: str, shape: str, tmp_path: Path) -> 
         before = own_children()
         errors = open(tmp_path / "supervisor.err", "w+b")  # noqa: SIM115
         sup = subprocess.Popen(
-            [sys.executable, SUPERVISOR, kind, shape, str(hs.path), str(NPROCS)]
-            + [str(grace_for(shape))],
+            [
+                sys.executable,
+                SUPERVISOR,
+                kind,
+                shape,
+                str(hs.path),
+                str(NPROCS),
+                str(grace_for(shape)),
+            ],
             cwd=tmp_path,
             stderr=errors,
         )
