@@ -21,8 +21,6 @@ import time
 import warnings
 from typing import IO, TYPE_CHECKING, Final, Unpack
 
-import anyio
-
 from . import _contain, _platform, _stacks
 from ._callable import load_result
 from ._config import Entrypoint, GroupPlan, RankPlan, SpawnOptions, _grace, build_plan
@@ -419,6 +417,8 @@ class Group:
             if hurry_on_cancel:
                 self._shorten(loop.time())
             cancellation = exc  # re-raised as it came: anyio knows its own by the message
+        import anyio  # only now: it costs ~15 ms of import time
+
         # Cancelled while the close runs: wait it out, then re-raise. Inside an
         # anyio shield, because an anyio cancel scope re-delivers its
         # cancellation at every loop iteration (a busy loop otherwise); and in
