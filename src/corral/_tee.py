@@ -220,7 +220,8 @@ class _Writer:
     def _send(self, data: bytes | bytearray | memoryview) -> int:
         """Write what the console takes now (``BlockingIOError``: nothing)."""
         if self._sock is not None:
-            return self._sock.send(data, socket.MSG_DONTWAIT)
+            # MSG_NOSIGNAL: EPIPE, never SIGPIPE, whatever the host did with that signal.
+            return self._sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
         return os.write(self.fd, data)
 
     def _flush_some(self) -> None:
