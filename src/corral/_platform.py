@@ -417,9 +417,29 @@ def _pid_namespace_for_children(call: str, *args: int) -> Iterator[None]:
         try:
             yield
         finally:
-            _ns_call("setns", own, _CLONE_NEWPID)
+            _restore_pid_namespace(own)
     finally:
         os.close(own)
+
+
+def _restore_pid_namespace(own: int) -> None:
+    """Point this thread's children back at our own namespace, or stop the process.
+
+    Left pointing at a group's namespace, every later fork of this thread (the
+    host's own children too) would be born in the group and die with it, and
+    fail for good once it is gone: no caller could recover from that, so a
+    restore that fails twice (never seen: the capability was there a moment
+    ago) is fatal.
+    """
+    for _ in range(2):
+        try:
+            _ns_call("setns", own, _CLONE_NEWPID)
+        except OSError as exc:
+            error = exc
+        else:
+            return
+    _log.critical("corral: cannot restore this thread's pid namespace (%s): aborting", error)
+    os.abort()
 
 
 def spawn_helper(

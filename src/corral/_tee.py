@@ -356,6 +356,9 @@ def _writer_for(target: object) -> _Writer | None:
             if writer is None:
                 if is_socket:
                     sock = socket.socket(fileno=os.dup(fd))
+                    if sock.type != socket.SOCK_STREAM:  # a datagram's size is bounded
+                        sock.close()
+                        return None
                     writer = _Writer(key, sock.fileno(), sock)
                 else:
                     flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
