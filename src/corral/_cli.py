@@ -8,8 +8,9 @@ the options (bad usage exits 2 before anything starts), build one
 stderr.
 
 Signals: the first SIGINT, SIGTERM, SIGHUP or SIGQUIT closes the group
-gracefully (SIGTERM to every rank, ``--grace`` seconds, SIGKILL) and the exit
-status is 128+N. A second one skips what is left of the grace period.
+gracefully (that same signal to every rank, as torchrun forwards it, then
+``--grace`` seconds, then SIGKILL) and the exit status is 128+N. A second one
+skips what is left of the grace period.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import contextlib
 import dataclasses
 import logging
 import os
+import pathlib
 import signal
-import socket
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn
 
-from ._config import MAX_NPROCS, SpawnOptions
+from ._config import MAX_NPROCS, OMP_NOTE, SpawnOptions, master_env
 from ._errors import ConfigError, CorralError
 from ._group import Group, _spawn
 from ._result import signal_name
@@ -299,6 +300,10 @@ class Options:
     grace: float
     env: tuple[tuple[str, str], ...]
     color: str
+    #: Replace ``{rank}`` in the command and ``--env`` values (not under ``corral torchrun``).
+    expand_rank: bool = True
+    #: The subcommand, for messages.
+    subcommand: str = "run"
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -375,14 +380,6 @@ def _for_rank(text: str, rank: int) -> str:
     return text.replace(RANK_FIELD, str(rank))
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @dataclass(frozen=True, slots=True)
 class _Launch:
     """The keywords for :func:`corral.spawn` derived from the options."""
@@ -397,6 +394,10 @@ def plan_launch(opts: Options, environ: Mapping[str, str]) -> _Launch:
     """Per-rank argv and environment: ``{rank}`` replaced, MASTER_ADDR/PORT defaulted."""
     n = opts.nprocs
     program, *rest = opts.command
+    if not opts.expand_rank:
+        env = dict(opts.env)
+        env.update(master_env(environ, env))
+        return _Launch(entrypoint=program, args=dict.fromkeys(range(n), rest), env=env, envs=None)
     if RANK_FIELD in program:
         # spawn() takes one program for every rank: let env(1) pick each rank's
         # own (it execs it; a missing one still ends the rank with 127).
@@ -409,10 +410,7 @@ def plan_launch(opts: Options, environ: Mapping[str, str]) -> _Launch:
         args = {r: [_for_rank(a, r) for a in rest] for r in range(n)}
     env = dict(opts.env)  # later --env of the same KEY wins
     envs: dict[int, dict[str, str]] | None = None
-    if "MASTER_ADDR" not in env and "MASTER_ADDR" not in environ:
-        env["MASTER_ADDR"] = "127.0.0.1"
-    if "MASTER_PORT" not in env and "MASTER_PORT" not in environ:
-        env["MASTER_PORT"] = str(free_port())
+    env.update(master_env(environ, env))
     if any(RANK_FIELD in v for v in env.values()):
         envs = {
             r: {k: _for_rank(v, r) for k, v in env.items() if RANK_FIELD in v} for r in range(n)
@@ -551,7 +549,7 @@ class _Signals:
         name = signal_name(sig)
         if len(self.received) == 1:
             _say(
-                f"corral: received {name}: stopping the ranks (SIGTERM, then SIGKILL "
+                f"corral: received {name}: forwarding it to the ranks (SIGKILL "
                 f"after {self._grace:g}s; send it again to kill them now)"
             )
         elif len(self.received) == 2:
@@ -562,7 +560,8 @@ class _Signals:
     def _close(self, *, hurry: bool) -> None:
         group = self._group
         assert group is not None
-        coro = group.close(grace=0.0) if hurry else group.close()
+        sig = self.received[0]
+        coro = group.close(grace=0.0, sig=sig) if hurry else group.close(sig=sig)
         self._tasks.append(self._loop.create_task(coro))
 
     async def settle(self) -> None:
@@ -584,6 +583,13 @@ async def _run(opts: Options) -> int:
 
 async def _run_group(opts: Options, signals: _Signals) -> int:
     launch = plan_launch(opts, os.environ)
+    omp = "OMP_NUM_THREADS"
+    if opts.nprocs > 1 and omp not in os.environ and omp not in launch.env:
+        _say(f"corral: {OMP_NOTE}")
+    log_dir = fresh_log_dir(opts.log_dir, opts.nprocs)
+    if log_dir != opts.log_dir:
+        _say(f"corral: {opts.log_dir} already holds a run's logs: this run's go to {log_dir}")
+        opts = dataclasses.replace(opts, log_dir=log_dir)
     console = Console.create(color=_wants_color(opts.color, os.environ))
     try:
         return await _supervise(opts, signals, launch, console)
@@ -617,12 +623,60 @@ async def _supervise(opts: Options, signals: _Signals, launch: _Launch, console:
     failed = signum is not None or not result.ok
     if summary and failed:
         _say(summary)
+    hint = _script_hint(opts, result)
+    if hint:
+        _say(hint)
     status = exit_status(result, signum)
-    if opts.log_dir is None or failed:
-        _say(f"corral: logs in {group.log_dir}")
+    _say(f"corral: logs in {group.log_dir}")
     if status != 0:
         _say(f"corral: exit status {status}")
     return status
+
+
+def fresh_log_dir(log_dir: str | None, nprocs: int) -> str | None:
+    """Where this run's logs go: ``log_dir``, or its first free ``run-K`` sub-folder.
+
+    A ``--log-dir`` whose rank folders already exist (the same command run
+    again) is never overwritten: the run goes to ``LOG_DIR/run-2``,
+    ``run-3``... instead, the first one that does not exist.
+    """
+    if log_dir is None:
+        return None
+    root = pathlib.Path(log_dir)
+    if not any((root / str(r)).exists() for r in range(nprocs)):
+        return log_dir
+    k = 2
+    while (root / f"run-{k}").exists():
+        k += 1
+    return str(root / f"run-{k}")
+
+
+def _script_hint(opts: Options, result: Result) -> str | None:
+    """What to type when COMMAND is a script that cannot be executed (``train.py``)."""
+    root = result.root_cause
+    if opts.subcommand != "run" or root is None or root.pid is not None:
+        return None
+    if root.exitcode not in (126, 127):
+        return None
+    program = opts.command[0]
+    is_script = program.endswith(".py") or (
+        os.path.isfile(program) and not os.access(program, os.X_OK)
+    )
+    if not is_script:
+        return None
+    rest = "".join(f" {a}" for a in opts.command[1:])
+    n = opts.nprocs
+    if not program.endswith(".py"):
+        return (
+            f"corral: hint: {program!r} is not executable: run 'chmod +x {program}', or name "
+            f"its interpreter: corral run -n {n} -- INTERPRETER {program}{rest}"
+        )
+    lines = [
+        f"corral: hint: {program!r} is a Python script, not a program: type",
+        f"  corral run -n {n} -- python {program}{rest}",
+        f"  or, as with torchrun: corral torchrun --nproc-per-node {n} {program}{rest}",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -638,7 +692,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = sys.argv[1:] if argv is None else list(argv)
     try:
-        opts = parse_args(args)
+        if args[:1] == ["torchrun"]:
+            from ._torchrun import parse_torchrun
+
+            opts = parse_torchrun(args[1:])
+        else:
+            opts = parse_args(args)
     except _UsageError as exc:
         _say(str(exc))
         return USAGE_ERROR
@@ -651,7 +710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(_run(opts))
     except ConfigError as exc:
-        _say(f"{PROG} run: error: {exc}")
+        _say(f"{PROG} {opts.subcommand}: error: {exc}")
         return USAGE_ERROR
     except CorralError as exc:
         _say(f"{PROG}: error: {exc}")

@@ -9,8 +9,10 @@ every other check has passed.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
+import socket
 import string
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -31,7 +33,10 @@ __all__ = (
     "SpawnOptions",
     "StdSpec",
     "build_plan",
+    "master_env",
 )
+
+_log = logging.getLogger("corral")
 
 Entrypoint: TypeAlias = "str | os.PathLike[str] | Sequence[str] | Callable[..., object]"
 StdSpec: TypeAlias = "Std | int | str | Mapping[int, Std | int | str]"
@@ -49,6 +54,13 @@ MAX_NPROCS: Final = 4096
 #: Linux: the longest single argument or ``KEY=VALUE`` that ``execve`` takes
 #: (``MAX_ARG_STRLEN``, 32 pages).
 _MAX_ARG_STRLEN: Final = 32 * 4096
+#: torchrun's role name when none is given.
+ROLE_NAME: Final = "default"
+#: What torchrun says when it sets OMP_NUM_THREADS for the user.
+OMP_NOTE: Final = (
+    "Setting OMP_NUM_THREADS=1 for each rank to avoid overloading the machine; "
+    "set OMP_NUM_THREADS yourself to tune it."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +192,7 @@ def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
 
     token = os.urandom(8).hex()  # what secrets.token_hex does, without importing hmac
     parent_env = dict(os.environ)
+    shared_env = _shared_env(n, token, parent_env, common_env, per_rank_env)
     ranks: list[RankPlan] = []
     created: list[Path] = []
     try:
@@ -197,7 +210,9 @@ def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
                 error_file=rank_dir / "error.json",
             )
             child_env = dict(parent_env)
+            child_env.update(shared_env)
             child_env.update(
+                ROLE_RANK=str(rank),
                 RANK=str(rank),
                 LOCAL_RANK=str(rank),
                 WORLD_SIZE=str(n),
@@ -249,6 +264,62 @@ def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
         is_callable=is_callable,
         pid_namespace=pid_namespace,
     )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def master_env(*layers: Mapping[str, str]) -> dict[str, str]:
+    """``MASTER_ADDR=127.0.0.1`` and a free ``MASTER_PORT``, each unless a layer sets it.
+
+    The torch-ready rendezvous of ``torchrun --standalone``: the CLI and
+    :func:`corral.spawn` both use it, so a ``torch.distributed`` script's
+    ``init_process_group()`` works unchanged.
+    """
+    out: dict[str, str] = {}
+    if not any("MASTER_ADDR" in layer for layer in layers):
+        out["MASTER_ADDR"] = "127.0.0.1"
+    if not any("MASTER_PORT" in layer for layer in layers):
+        out["MASTER_PORT"] = str(free_port())
+    return out
+
+
+def _shared_env(
+    n: int,
+    run_id: str,
+    parent_env: Mapping[str, str],
+    common_env: Mapping[str, str],
+    per_rank_env: Mapping[int, Mapping[str, str]],
+) -> dict[str, str]:
+    """The variables every rank gets at the rank-variables level (torchrun parity).
+
+    ``env``/``envs`` still override each of them; the ones torchrun only sets
+    when the user has not (unbuffered Python, OMP_NUM_THREADS, MASTER_*) are
+    left out when the parent's environment has them.
+    """
+    shared = {
+        "GROUP_RANK": "0",
+        "GROUP_WORLD_SIZE": "1",
+        "ROLE_NAME": ROLE_NAME,
+        "ROLE_WORLD_SIZE": str(n),
+        "TORCHELASTIC_RUN_ID": run_id,
+        "TORCHELASTIC_RESTART_COUNT": "0",
+        "TORCHELASTIC_MAX_RESTARTS": "0",
+    }
+    layers = (parent_env, common_env, *per_rank_env.values())
+    # Python ranks write to pipes: without this, print() shows nothing until exit.
+    if "PYTHONUNBUFFERED" not in parent_env:
+        shared["PYTHONUNBUFFERED"] = "1"
+    if n > 1 and not any("OMP_NUM_THREADS" in layer for layer in layers):
+        shared["OMP_NUM_THREADS"] = "1"
+        _log.info("corral: %s", OMP_NOTE)
+    shared.update(master_env(*layers))
+    return shared
 
 
 def _remove(created: list[Path]) -> None:

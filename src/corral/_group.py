@@ -114,6 +114,8 @@ class Group:
         self._exits_changed: asyncio.Event | None = None
         self._closer: asyncio.Task[Result] | None = None
         self._deadline = 0.0
+        #: The first signal of the close (``close(sig=...)``); SIGKILL follows.
+        self._first_signal: int = signal.SIGTERM
         self._deadline_changed: asyncio.Event | None = None
         self._result: Result | None = None
         self._owns_console = False
@@ -122,8 +124,6 @@ class Group:
         self._poll_result: Result | None = None
         self._started_at = 0.0
         self._contain: _contain.Containment | None = None
-        #: The signal that starts a close (then the grace period, then SIGKILL).
-        self._first_signal: int = signal.SIGTERM
         #: rank -> its stacks.txt, dumped just before closing signalled it.
         self._stacks: dict[int, Path] = {}
         #: Dump the live ranks' stacks (``dump_stacks``) before closing signals them.
@@ -182,17 +182,21 @@ class Group:
             self._poll_result = self._build_result()
         return self._poll_result
 
-    async def close(self, grace: float | None = None) -> Result:
+    async def close(self, grace: float | None = None, *, sig: int = signal.SIGTERM) -> Result:
         """End every rank and descendant and return the final :class:`Result`.
 
-        SIGTERM goes to every live rank's process group and to descendants
-        that left it; after ``grace`` seconds SIGKILL ends what remains; every
-        rank is reaped, the pumps are drained, the files closed. Idempotent and
-        safe to call concurrently: every caller gets the same Result. A call
-        with a shorter ``grace`` than a close already running shortens it.
+        ``sig`` (SIGTERM by default) goes to every live rank's process group
+        and to descendants that left it; after ``grace`` seconds SIGKILL ends
+        what remains; every rank is reaped, the pumps are drained, the files
+        closed. Idempotent and safe to call concurrently: every caller gets the
+        same Result. A call with a shorter ``grace`` than a close already
+        running shortens it.
 
         Args:
-            grace: seconds between SIGTERM and SIGKILL (default: the group's).
+            grace: seconds between the first signal and SIGKILL (default: the group's).
+            sig: the first signal, e.g. ``signal.SIGINT`` so that Python ranks
+                get ``KeyboardInterrupt`` as under torchrun. Only the close
+                that starts the closing chooses it.
 
         Cancellation:
             A cancelled ``close`` skips the rest of the grace period, SIGKILLs,
@@ -200,6 +204,8 @@ class Group:
         """
         if self._state is _State.NEW:
             raise CorralError("close() on a group that never started: use 'async with spawn(...)'")
+        if self._closer is None:
+            self._first_signal = _first_signal(sig)
         return await self._close_shielded(grace, hurry_on_cancel=True)
 
     def send_signal(self, sig: int, ranks: Collection[int] | None = None) -> None:
@@ -708,6 +714,16 @@ def _same_outcome(a: Result, b: Result) -> bool:
         and a.return_values.keys() == b.return_values.keys()
         and a.log_errors == b.log_errors
     )
+
+
+def _first_signal(sig: object) -> int:
+    """Check ``close(sig=...)``: a signal number known on this system."""
+    if isinstance(sig, bool) or not isinstance(sig, int):
+        raise ConfigError(f"sig must be a signal number such as signal.SIGINT, got {sig!r}")
+    try:
+        return signal.Signals(sig)
+    except ValueError:
+        raise ConfigError(f"sig={sig!r} is not a signal on this system") from None
 
 
 def _killpg(r: _Rank, sig: int, *, held: bool = False) -> None:

@@ -45,16 +45,60 @@ MAX_GROWN: Final = 64
 _grown = 0  # pipes grown and not yet closed (approximate across threads: a budget, not a lock)
 
 
-class _LineTee:
-    """Split chunks into prefixed whole lines, one console write per chunk."""
+#: Erase from the cursor to the end of the line (ANSI; every terminal corral colours).
+_ERASE: Final = b"\x1b[K"
+#: Terminals (device, inode) on which a rank's progress line is drawn right now,
+#: the cursor back at its start: the next line written there erases it first.
+_progress_on: set[tuple[int, int]] = set()
 
-    __slots__ = ("_console", "_nl_prefix", "_partial", "_prefix", "droppable")
+
+def _terminal_key(target: object) -> tuple[int, int] | None:
+    """(device, inode) of a console that is an ANSI terminal, else ``None``."""
+    if os.environ.get("TERM") == "dumb":
+        return None
+    try:
+        fd = target.fileno()  # type: ignore[attr-defined]
+        if not isinstance(fd, int) or not os.isatty(fd):
+            return None
+        st = os.fstat(fd)
+    except (AttributeError, OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _collapse(lines: bytes) -> bytes:
+    """Each line as a terminal would leave it: its last non-empty ``\r`` segment."""
+    out = []
+    for line in lines.split(b"\n"):
+        if b"\r" in line:
+            segments = [seg for seg in line.split(b"\r") if seg]
+            line = segments[-1] if segments else b""
+        out.append(line)
+    return b"\n".join(out)
+
+
+class _LineTee:
+    """Split chunks into prefixed whole lines, one console write per chunk.
+
+    ``\r`` (progress bars such as tqdm's): a line's ``\r`` segments are
+    collapsed to the last non-empty one, as a terminal leaves it, so the
+    prefix starts every line shown. On a terminal console the segment being
+    updated is also drawn live (``ESC[K prefix segment \r``): the cursor stays
+    at the start of that line and the next line written to the terminal, by
+    any rank, erases it first, so no line is glued onto a progress line. A
+    console that is not a terminal gets whole lines only. Log files are not
+    touched by any of this.
+    """
+
+    __slots__ = ("_console", "_cr", "_nl_prefix", "_partial", "_prefix", "_tty", "droppable")
 
     def __init__(self, console: ConsoleStream, prefix: bytes) -> None:
         self._console = console
         self._prefix = prefix
         self._nl_prefix = b"\n" + prefix
         self._partial = b""
+        self._cr = False  # the held partial line has a \r in it
+        self._tty = _terminal_key(console.target)
         #: Set when the group closes: its rest may be dropped from a backed-up
         #: console (never from the log file) rather than block the close.
         self.droppable = False
@@ -73,28 +117,54 @@ class _LineTee:
         if self._partial:
             head = self._partial + head
             self._partial = b""
-        prefix = self._prefix
-        if prefix:
-            self._console.write(
-                prefix + head[:-1].replace(b"\n", self._nl_prefix) + b"\n", self.droppable
-            )
-        else:
-            self._console.write(head, self.droppable)
+            self._cr = False
+        if b"\r" in head:
+            head = _collapse(head)
+        self._write_lines(head)
         if end < len(data):
             self._hold(data[end:])
 
+    def _write_lines(self, head: bytes) -> None:
+        """Write complete lines (``head`` ends in a newline), prefixed."""
+        prefix = self._prefix
+        if prefix:
+            head = prefix + head[:-1].replace(b"\n", self._nl_prefix) + b"\n"
+        tty = self._tty
+        if tty is not None and tty in _progress_on:
+            _progress_on.discard(tty)
+            head = _ERASE + head
+        self._console.write(head, self.droppable)
+
     def _hold(self, tail: bytes) -> None:
         partial = self._partial + tail if self._partial else tail
+        if self._cr or b"\r" in tail:
+            partial = self._progress(partial)
         while len(partial) >= LINE_CAP:
-            self._console.write(self._prefix + partial[:LINE_CAP] + b"\n", self.droppable)
+            self._write_lines(partial[:LINE_CAP] + b"\n")
             partial = partial[LINE_CAP:]
+            self._cr = False
         self._partial = partial
+
+    def _progress(self, partial: bytes) -> bytes:
+        """A partial line with ``\r``: keep its last segment; draw it on a terminal."""
+        shown = partial.rstrip(b"\r")
+        cut = shown.rfind(b"\r") + 1
+        shown = shown[cut:]
+        self._cr = True
+        tty = self._tty
+        if tty is not None and shown and len(shown) < LINE_CAP:
+            _progress_on.add(tty)
+            self._console.write(_ERASE + self._prefix + shown + b"\r", self.droppable)
+        # What a later newline completes: the shown segment, then what follows its \r.
+        return shown + b"\r" if partial.endswith(b"\r") else shown
 
     def flush(self) -> None:
         """End a last line that has no newline (the console gets one; the file does not)."""
         if self._partial:
-            self._console.write(self._prefix + self._partial + b"\n", self.droppable)
+            partial = _collapse(self._partial) if self._cr else self._partial
             self._partial = b""
+            self._cr = False
+            self._write_lines(partial + b"\n")
 
 
 class Pump(asyncio.Protocol):
