@@ -21,11 +21,11 @@ def main() -> None:
     """Say ready, wait for a signal, write the checkpoint line."""
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, _caught)
-    print(f"ready {os.environ['RANK']}", flush=True)
-    if len(sys.argv) > 1:  # also tell the test through its FIFO GO_DIR/ready-R
-        with open(os.path.join(sys.argv[1], f"ready-{os.environ['RANK']}"), "wb") as fifo:
-            fifo.write(b"ready")
-    try:
+    try:  # entered before saying ready: a SIGINT right after it lands in the handler below
+        print(f"ready {os.environ['RANK']}", flush=True)
+        if len(sys.argv) > 1:  # also tell the test through its FIFO GO_DIR/ready-R
+            with open(os.path.join(sys.argv[1], f"ready-{os.environ['RANK']}"), "wb") as fifo:
+                fifo.write(b"ready")
         while True:
             signal.pause()
     except KeyboardInterrupt:
