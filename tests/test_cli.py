@@ -25,6 +25,7 @@ import pytest
 
 from corral import Failure, RankLogs, Result
 from corral._cli import exit_status, main, parse_ranks, render_summary
+from corral._config import OMP_NOTE
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -162,8 +163,11 @@ def test_default_tee_of_three_ranks(tmp_path: Path) -> None:
         assert (logs / "stdout.log").read_text() == f"out of {r} world 3\nno newline {r}"
         assert (logs / "stderr.log").read_text() == f"err of {r}\n"
     assert len(res.stdout.splitlines()) == 6
-    # With --log-dir given and success, corral adds nothing of its own.
-    assert "corral:" not in res.stderr
+    # On success corral adds only torchrun's OMP_NUM_THREADS note and where the logs are.
+    assert [x for x in res.stderr.splitlines() if x.startswith("corral:")] == [
+        f"corral: {OMP_NOTE}",
+        f"corral: logs in {tmp_path / 'logs'}",
+    ]
 
 
 def test_log_dir_printed_when_not_given() -> None:
@@ -242,7 +246,7 @@ def test_tee_and_redirects_specs(tmp_path: Path) -> None:
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert res.stdout == "[0]: o 0\n"
-    assert res.stderr == ""
+    assert all(x.startswith("corral: ") for x in res.stderr.splitlines()), res.stderr
     assert (tmp_path / "1" / "stdout.log").read_text() == "o 1\n"
     assert (tmp_path / "0" / "stderr.log").read_text() == "e\n"
 
@@ -392,7 +396,7 @@ def test_no_colour_with_no_color_or_when_piped() -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signal_closes_group_and_leaves_nothing(sig: signal.Signals) -> None:
-    """SIGINT/SIGTERM/SIGHUP to corral: ranks and grandchildren closed; status 128+N."""
+    """SIGINT/SIGTERM/SIGHUP to corral: forwarded to the ranks, all closed; status 128+N."""
     lines = start_corral("-n", "2", "--", PY, "-u", READY, "--grandchild")
     lines.wait_for(lambda: sum("ready" in x for x in lines.out) == 2)
     pids = ready_pids(lines.out)
@@ -403,19 +407,19 @@ def test_signal_closes_group_and_leaves_nothing(sig: signal.Signals) -> None:
     err = "".join(lines.err)
     assert f"corral: received {sig.name}" in err
     assert f"corral: stopped by {sig.name}" in err
-    assert re.search(r"rank 0 \(pid \d+\) was killed by SIGTERM", err)
+    assert re.search(rf"rank 0 \(pid \d+\) was killed by {sig.name}", err)
     assert f"corral: exit status {128 + sig}" in err
     assert_gone(pids)
 
 
 def test_second_sigint_skips_the_grace_period() -> None:
-    """A rank ignoring SIGTERM with --grace 600: the second SIGINT SIGKILLs it at once."""
-    lines = start_corral("-n", "2", "--grace", "600", "--", PY, "-u", READY, "--ignore-term")
+    """A rank ignoring SIGINT with --grace 600: the second SIGINT SIGKILLs it at once."""
+    lines = start_corral("-n", "2", "--grace", "600", "--", PY, "-u", READY, "--ignore-int")
     lines.wait_for(lambda: sum("ready" in x for x in lines.out) == 2)
     pids = ready_pids(lines.out)
     lines.proc.send_signal(signal.SIGINT)
     lines.wait_for(lambda: any("received SIGINT:" in x for x in lines.err))
-    # The ranks ignore SIGTERM, so they are still there while the grace period runs.
+    # The ranks ignore SIGINT, so they are still there while the grace period runs.
     assert all(psutil.pid_exists(p) for p in pids)
     lines.proc.send_signal(signal.SIGINT)
     rc = lines.finish(timeout=30)  # far less than the 600 s grace
@@ -493,17 +497,17 @@ def test_bad_usage_exits_2_and_starts_nothing(args: list[str], tmp_path: Path) -
 
 
 def test_existing_rank_folder_is_refused(tmp_path: Path) -> None:
-    """An existing rank folder in --log-dir: status 2, one line, its contents untouched."""
+    """An existing rank folder in --log-dir is never overwritten: the run goes to run-2."""
     (tmp_path / "1").mkdir()
     (tmp_path / "1" / "stdout.log").write_text("precious\n")
     marker = tmp_path / "started"
     res = corral("-n", "2", "--log-dir", str(tmp_path), "--", *code(f"open({str(marker)!r}, 'w')"))
-    assert res.returncode == 2
-    assert len(res.stderr.splitlines()) == 1, res.stderr
-    assert "already holds rank folder(s) 1" in res.stderr
+    assert res.returncode == 0, res.stderr
+    assert f"this run's go to {tmp_path / 'run-2'}" in res.stderr
     assert (tmp_path / "1" / "stdout.log").read_text() == "precious\n"
     assert not (tmp_path / "0").exists()
-    assert not marker.exists()
+    assert (tmp_path / "run-2" / "1" / "stdout.log").exists()
+    assert marker.exists()
 
 
 def test_help_explains_every_option_with_an_example() -> None:

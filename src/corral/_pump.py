@@ -80,14 +80,14 @@ def _collapse(lines: bytes) -> bytes:
 class _LineTee:
     """Split chunks into prefixed whole lines, one console write per chunk.
 
-    ``\r`` (progress bars such as tqdm's): a line's ``\r`` segments are
-    collapsed to the last non-empty one, as a terminal leaves it, so the
-    prefix starts every line shown. On a terminal console the segment being
-    updated is also drawn live (``ESC[K prefix segment \r``): the cursor stays
-    at the start of that line and the next line written to the terminal, by
-    any rank, erases it first, so no line is glued onto a progress line. A
-    console that is not a terminal gets whole lines only. Log files are not
-    touched by any of this.
+    ``\r`` (progress bars such as tqdm's) on a terminal console: a line's
+    ``\r`` segments are collapsed to the last non-empty one, as the terminal
+    would leave it, so the prefix starts every line shown; and the segment
+    being updated is drawn live (``ESC[K prefix segment \r``): the cursor
+    stays at the start of that line, and the next line written to the
+    terminal, by any rank, erases it first, so no line is glued onto a
+    progress line. A console that is not a terminal gets whole lines, bytes
+    unchanged (``\r`` included), as before. Log files are never touched.
     """
 
     __slots__ = ("_console", "_cr", "_nl_prefix", "_partial", "_prefix", "_tty", "droppable")
@@ -118,7 +118,7 @@ class _LineTee:
             head = self._partial + head
             self._partial = b""
             self._cr = False
-        if b"\r" in head:
+        if self._tty is not None and b"\r" in head:
             head = _collapse(head)
         self._write_lines(head)
         if end < len(data):
@@ -137,7 +137,7 @@ class _LineTee:
 
     def _hold(self, tail: bytes) -> None:
         partial = self._partial + tail if self._partial else tail
-        if self._cr or b"\r" in tail:
+        if self._tty is not None and (self._cr or b"\r" in tail):
             partial = self._progress(partial)
         while len(partial) >= LINE_CAP:
             self._write_lines(partial[:LINE_CAP] + b"\n")

@@ -2,7 +2,7 @@
 
 Pids are printed as the test sees them (see ``contain_rank.host_pid``).
 
-Options: ``--ignore-term`` ignores SIGTERM (so only SIGKILL ends it);
+Options: ``--ignore-term`` ignores SIGTERM, ``--ignore-int`` SIGINT (so only SIGKILL ends it);
 ``--grandchild`` first starts a grandchild that sleeps, and prints its pid too.
 """
 
@@ -22,6 +22,8 @@ def main() -> None:
     """Install the handlers, start the grandchild, say ready, wait for a signal."""
     if "--ignore-term" in sys.argv:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if "--ignore-int" in sys.argv:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     pids = [host_pid(os.getpid())]
     if "--grandchild" in sys.argv:
         child = subprocess.Popen(
