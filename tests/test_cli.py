@@ -9,13 +9,10 @@ processes are left (none: the autouse fixture also scans for the group's
 from __future__ import annotations
 
 import importlib.util
-import os
-import pty
 import re
 import signal
 import subprocess
 import sys
-import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,13 +24,14 @@ from corral import Failure, RankLogs, Result
 from corral._cli import exit_status, main, parse_ranks, render_summary
 from corral._config import OMP_NOTE
 
+from .cli_helpers import PY, Lines, code, corral, corral_env, run_on_pty
+
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
 
 
 CHILDREN = Path(__file__).parent / "children"
 READY = str(CHILDREN / "cli_ready.py")
-PY = sys.executable
 LOG_LINE = re.compile(r"^corral: logs in (.+)$", re.MULTILINE)
 
 # conftest's no_leftover_processes covers this module too: every corral
@@ -41,84 +39,11 @@ LOG_LINE = re.compile(r"^corral: logs in (.+)$", re.MULTILINE)
 # process that has exited are still found by the marker scan.
 
 
-def corral_env(**extra: str) -> dict[str, str]:
-    """This environment without the variables that change corral's behaviour."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("MASTER_ADDR", "MASTER_PORT", "NO_COLOR", "FORCE_COLOR")
-    }
-    env.update(extra)
-    return env
-
-
-def corral(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m corral run ARGS`` to completion and capture its output."""
-    return subprocess.run(
-        [PY, "-m", "corral", "run", *args],
-        capture_output=True,
-        text=True,
-        env=env if env is not None else corral_env(),
-        stdin=subprocess.DEVNULL,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def code(source: str) -> list[str]:
-    """``python -c SOURCE`` as a command for corral."""
-    return [PY, "-c", source]
-
-
 def log_dir_of(stderr: str) -> Path:
     """The log folder corral printed at the end."""
     found = LOG_LINE.findall(stderr)
     assert found, stderr
     return Path(found[-1])
-
-
-class Lines:
-    """Collect a process's stdout and stderr lines as they come (one thread per pipe)."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        self.out: list[str] = []
-        self.err: list[str] = []
-        self._cond = threading.Condition()
-        assert proc.stdout is not None
-        assert proc.stderr is not None
-        self._threads = [
-            threading.Thread(target=self._read, args=(proc.stdout, self.out), daemon=True),
-            threading.Thread(target=self._read, args=(proc.stderr, self.err), daemon=True),
-        ]
-        for t in self._threads:
-            t.start()
-
-    def _read(self, stream: object, sink: list[str]) -> None:
-        for line in stream:  # type: ignore[attr-defined]
-            with self._cond:
-                sink.append(line)
-                self._cond.notify_all()
-
-    def wait_for(self, pred: Callable[[], bool], timeout: float = 20) -> None:
-        """Block until ``pred()`` holds (checked as lines arrive), or fail the test."""
-        with self._cond:
-            if not self._cond.wait_for(pred, timeout):
-                self.proc.kill()
-                pytest.fail(f"timed out; stdout={self.out!r} stderr={self.err!r}")
-
-    def finish(self, timeout: float = 20) -> int:
-        """Wait for the process to exit and for both pipes to reach EOF."""
-        rc = self.proc.wait(timeout)
-        for t in self._threads:
-            t.join(timeout)
-        assert self.proc.stdout is not None
-        assert self.proc.stderr is not None
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-        return rc
 
 
 def start_corral(*args: str, env: dict[str, str] | None = None) -> Lines:
@@ -338,34 +263,6 @@ def test_recorded_exception_message_in_summary() -> None:
 # -- colour ---------------------------------------------------------------------------
 
 
-def run_on_pty(args: Sequence[str], env: dict[str, str]) -> tuple[int, bytes]:
-    """Run corral with stdout and stderr on a pseudo-terminal; return (status, bytes seen)."""
-    master, slave = pty.openpty()
-    try:
-        proc = subprocess.Popen(
-            [PY, "-m", "corral", "run", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=slave,
-            stderr=slave,
-            env=env,
-        )
-    finally:
-        os.close(slave)
-    chunks: list[bytes] = []
-    try:
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: every writer of the terminal is gone
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(master)
-    return proc.wait(20), b"".join(chunks)
-
-
 SHOW_RANK = "import os; print('rank', os.environ['RANK'])"
 
 
@@ -497,17 +394,18 @@ def test_bad_usage_exits_2_and_starts_nothing(args: list[str], tmp_path: Path) -
 
 
 def test_existing_rank_folder_is_refused(tmp_path: Path) -> None:
-    """An existing rank folder in --log-dir is never overwritten: the run goes to run-2."""
+    """An existing rank folder in --log-dir: status 2, one line, its contents untouched."""
     (tmp_path / "1").mkdir()
     (tmp_path / "1" / "stdout.log").write_text("precious\n")
     marker = tmp_path / "started"
     res = corral("-n", "2", "--log-dir", str(tmp_path), "--", *code(f"open({str(marker)!r}, 'w')"))
-    assert res.returncode == 0, res.stderr
-    assert f"this run's go to {tmp_path / 'run-2'}" in res.stderr
+    assert res.returncode == 2
+    assert len(res.stderr.splitlines()) == 1, res.stderr
+    assert "already holds rank folder(s) 1" in res.stderr
+    assert f"put {{run}} in it ({str(tmp_path / 'run-{run}')!r})" in res.stderr
     assert (tmp_path / "1" / "stdout.log").read_text() == "precious\n"
     assert not (tmp_path / "0").exists()
-    assert (tmp_path / "run-2" / "1" / "stdout.log").exists()
-    assert marker.exists()
+    assert not marker.exists()
 
 
 def test_help_explains_every_option_with_an_example() -> None:

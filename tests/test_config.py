@@ -106,6 +106,25 @@ def test_existing_rank_folder_is_never_overwritten(tmp_path: Path) -> None:
     assert not (tmp_path / "0").exists()
 
 
+async def test_run_field_numbers_the_runs(tmp_path: Path) -> None:
+    """``{run}`` in log_dir: the first number whose folder is new; a failed spawn frees it."""
+    template = tmp_path / "exp" / "run-{run}"
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "run-2").write_text("a file in the way")
+    folders = []
+    for _ in range(3):
+        result = await corral.run(TRUE, nprocs=2, log_dir=template, redirects=Std.ALL)
+        assert result.ok
+        assert result.log_dir is not None
+        folders.append(result.log_dir.name)
+    assert folders == ["run-1", "run-3", "run-4"]
+    with pytest.raises(ConfigError):
+        corral.spawn(TRUE, nprocs=2, log_dir=template, tee_ranks=[7])
+    assert not (tmp_path / "exp" / "run-5").exists()
+    groups = [corral.spawn(TRUE, nprocs=1, log_dir=template) for _ in range(2)]
+    assert sorted(g.log_dir.name for g in groups) == ["run-5", "run-6"]
+
+
 async def test_non_empty_log_dir_with_new_rank_folders(tmp_path: Path) -> None:
     """An existing non-empty folder works when the rank sub-folders are new."""
     (tmp_path / "notes.txt").write_text("other content")

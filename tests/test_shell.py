@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 
 import corral
-from corral._cli import fresh_log_dir
 from corral._torchrun import parse_torchrun
 
-from .test_cli import PY, Lines, corral_env
+from .cli_helpers import PY, Lines, OnPty, code, corral_env, screen
 
 CHILDREN = Path(__file__).parent / "children"
 
@@ -112,9 +111,8 @@ async def test_group_close_with_a_chosen_first_signal(tmp_path: Path) -> None:
         async with corral.spawn(
             [sys.executable, str(CHILDREN / "shell_signal.py"), str(tmp_path)],
             nprocs=2,
-            tee="out",
+            redirects="out",
             log_dir=tmp_path / "logs",
-            console=None,
         ) as group:
             for r in range(2):
                 assert await asyncio.to_thread((tmp_path / f"ready-{r}").read_bytes) == b"ready"
@@ -133,7 +131,12 @@ async def test_torchrun_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         monkeypatch.delenv(name, raising=False)
     argv = [sys.executable, str(CHILDREN / "shell_env.py")]
     async with asyncio.timeout(30):
-        result = await corral.run(argv, nprocs=2, tee="out", log_dir=tmp_path / "a", console=None)
+        result = await corral.run(
+            argv,
+            nprocs=2,
+            redirects="out",
+            log_dir=tmp_path / "a",
+        )
     assert result.ok
     seen = [json.loads((tmp_path / "a" / str(r) / "stdout.log").read_text()) for r in range(2)]
     for r, env in enumerate(seen):
@@ -156,9 +159,8 @@ async def test_torchrun_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             argv,
             nprocs=1,
             env={"OMP_NUM_THREADS": "4", "MASTER_PORT": "1234"},
-            tee="out",
+            redirects="out",
             log_dir=tmp_path / "b",
-            console=None,
         )
     env = json.loads((tmp_path / "b" / "0" / "stdout.log").read_text())
     assert (env["PYTHONUNBUFFERED"], env["OMP_NUM_THREADS"], env["MASTER_PORT"]) == (
@@ -200,12 +202,56 @@ def test_torchrun_options(tmp_path: Path) -> None:
         assert len(err.strip().splitlines()) == 1, err
 
 
-def test_a_reused_log_dir_gets_a_fresh_run_folder(tmp_path: Path) -> None:
-    """The same command twice with --log-dir: nothing overwritten, run-2 then run-3."""
-    logs = tmp_path / "exp1"
-    assert fresh_log_dir(None, 2) is None
-    for k, where in enumerate((logs, logs / "run-2", logs / "run-3")):
-        lines = start("run", "-n", "2", "--log-dir", str(logs), "--", PY, "-c", f"print({k})")
+def test_the_same_command_again_gets_the_next_run_folder(tmp_path: Path) -> None:
+    """`--log-dir exp1/run-{run}` run three times: run-1, run-2, run-3, nothing overwritten.
+
+    `corral torchrun --log-dir exp2`, like torchrun, puts every run in a new sub-folder.
+    """
+    template = str(tmp_path / "exp1" / "run-{run}")
+    for k in (1, 2, 3):
+        lines = start("run", "-n", "2", "--log-dir", template, "--", PY, "-c", f"print({k})")
         assert lines.finish() == 0, lines.err
+        where = tmp_path / "exp1" / f"run-{k}"
         assert f"corral: logs in {where}\n" in lines.err
         assert (where / "0" / "stdout.log").read_text() == f"{k}\n"
+    assert sorted(p.name for p in (tmp_path / "exp1").iterdir()) == ["run-1", "run-2", "run-3"]
+    script = tmp_path / "hi.py"
+    script.write_text("print('hi')\n")
+    for k in (1, 2):
+        lines = start(
+            "torchrun", "--nproc-per-node", "1", "--log-dir", str(tmp_path / "exp2"), str(script)
+        )
+        assert lines.finish() == 0, lines.err
+        assert (tmp_path / "exp2" / f"run-{k}" / "0" / "stdout.log").read_text() == "hi\n"
+
+
+def test_progress_bars_on_a_terminal(tmp_path: Path) -> None:
+    """`\\r` progress shows live and prefixed; another rank's line is never glued onto it.
+
+    The log file keeps the rank's bytes exactly; a console that is not a
+    terminal gets the whole line, `\\r` included.
+    """
+    fifos(tmp_path, ["go-1", "go-0-2", "go-0-3"])
+    argv = ["-n", "2", "--log-dir", str(tmp_path / "logs"), "--"]
+    argv += [PY, str(CHILDREN / "shell_progress.py"), str(tmp_path)]
+    term = OnPty("run", argv, buffered_env())
+    term.wait_for(b"step 1/3 |#  |")  # no newline yet: drawn live
+    go(tmp_path / "go-0-2")
+    term.wait_for(b"step 2/3 |## |")
+    go(tmp_path / "go-1")
+    term.wait_for(b"hello from rank 1")
+    go(tmp_path / "go-0-3")
+    assert term.finish() == 0, term.seen
+    shown = [line for line in screen(term.seen) if not line.startswith("corral: ")]
+    assert shown == ["[1]: hello from rank 1", "[0]: step 3/3 |###|"], term.seen
+    bar = b"\rstep 1/3 |#  |\rstep 2/3 |## |\rstep 3/3 |###|\n"
+    assert (tmp_path / "logs" / "0" / "stderr.log").read_bytes() == bar
+    rank = code("import sys; sys.stderr.write('\\ra\\rb\\n')")
+    piped = subprocess.run(
+        [PY, "-m", "corral", "run", "--", *rank],
+        capture_output=True,
+        env=buffered_env(),
+        timeout=30,
+    )
+    assert piped.returncode == 0
+    assert b"[0]: \ra\rb\n" in piped.stderr

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import pathlib
 import signal
 import sys
 from dataclasses import dataclass
@@ -583,13 +582,6 @@ async def _run(opts: Options) -> int:
 
 async def _run_group(opts: Options, signals: _Signals) -> int:
     launch = plan_launch(opts, os.environ)
-    omp = "OMP_NUM_THREADS"
-    if opts.nprocs > 1 and omp not in os.environ and omp not in launch.env:
-        _say(f"corral: {OMP_NOTE}")
-    log_dir = fresh_log_dir(opts.log_dir, opts.nprocs)
-    if log_dir != opts.log_dir:
-        _say(f"corral: {opts.log_dir} already holds a run's logs: this run's go to {log_dir}")
-        opts = dataclasses.replace(opts, log_dir=log_dir)
     console = Console.create(color=_wants_color(opts.color, os.environ))
     try:
         return await _supervise(opts, signals, launch, console)
@@ -613,6 +605,9 @@ async def _supervise(opts: Options, signals: _Signals, launch: _Launch, console:
     # corral owns this process: every child is its own, so orphans re-parented
     # to it can be reaped without the library's caution about a host's children.
     group = _spawn(launch.entrypoint, console, options, owns_process=True)
+    omp = "OMP_NUM_THREADS"  # torchrun's note, once the input is known to be good
+    if opts.nprocs > 1 and omp not in os.environ and omp not in launch.env:
+        _say(f"corral: {OMP_NOTE}")
     # On a failure or a signal, the summary shows what each live rank was doing.
     group.stacks_on_close = True
     async with group:
@@ -631,24 +626,6 @@ async def _supervise(opts: Options, signals: _Signals, launch: _Launch, console:
     if status != 0:
         _say(f"corral: exit status {status}")
     return status
-
-
-def fresh_log_dir(log_dir: str | None, nprocs: int) -> str | None:
-    """Where this run's logs go: ``log_dir``, or its first free ``run-K`` sub-folder.
-
-    A ``--log-dir`` whose rank folders already exist (the same command run
-    again) is never overwritten: the run goes to ``LOG_DIR/run-2``,
-    ``run-3``... instead, the first one that does not exist.
-    """
-    if log_dir is None:
-        return None
-    root = pathlib.Path(log_dir)
-    if not any((root / str(r)).exists() for r in range(nprocs)):
-        return log_dir
-    k = 2
-    while (root / f"run-{k}").exists():
-        k += 1
-    return str(root / f"run-{k}")
 
 
 def _script_hint(opts: Options, result: Result) -> str | None:

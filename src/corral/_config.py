@@ -9,6 +9,7 @@ every other check has passed.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -51,6 +52,8 @@ _PREFIX_FIELDS: Final = frozenset({"rank", "stream"})
 #: mistyped count (10**6) would first create that many log folders. 4096 is
 #: more than any single machine has cores; raise it here if yours is larger.
 MAX_NPROCS: Final = 4096
+#: In ``log_dir``, replaced by the first run number (1, 2, 3...) whose folder is new.
+RUN_FIELD: Final = "{run}"
 #: Linux: the longest single argument or ``KEY=VALUE`` that ``execve`` takes
 #: (``MAX_ARG_STRLEN``, 32 pages).
 _MAX_ARG_STRLEN: Final = 32 * 4096
@@ -590,6 +593,8 @@ def _log_dir(log_dir: object, n: int) -> tuple[Path, list[Path]]:
         raise ConfigError("log_dir is an empty path: name a folder (or pass None for a fresh one)")
     if "\0" in str(text):
         raise ConfigError(f"log_dir {text!r} holds a NUL character")
+    if RUN_FIELD in text:
+        return _numbered_log_dir(text)
     root = Path(text)
     try:
         if root.is_dir():
@@ -597,7 +602,8 @@ def _log_dir(log_dir: object, n: int) -> tuple[Path, list[Path]]:
             if taken:
                 raise ConfigError(
                     f"log_dir {str(root)!r} already holds rank folder(s) {', '.join(taken)}; "
-                    "corral never overwrites logs: choose a new log_dir or remove them"
+                    "corral never overwrites logs: choose a new log_dir, or put {run} in it "
+                    f"({str(root / 'run-{run}')!r}) to number the runs 1, 2, 3..."
                 )
             return root, []
         if root.exists():
@@ -607,6 +613,27 @@ def _log_dir(log_dir: object, n: int) -> tuple[Path, list[Path]]:
     except OSError as exc:
         raise ConfigError(f"cannot create log_dir {str(root)!r}: {exc.strerror or exc}") from exc
     return root, missing
+
+
+def _numbered_log_dir(template: str) -> tuple[Path, list[Path]]:
+    """The first ``template`` with ``{run}`` = 1, 2, 3... that does not exist yet, created.
+
+    Each candidate is created exclusively, so two runs started at once never
+    share a folder.
+    """
+    for k in itertools.count(1):
+        root = Path(template.replace(RUN_FIELD, str(k)))
+        missing = [p for p in root.parents if not p.exists()]
+        try:
+            root.mkdir(parents=True)
+        except FileExistsError:  # an earlier run's (or anything else's): the next number
+            continue
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create log_dir {str(root)!r}: {exc.strerror or exc}"
+            ) from exc
+        return root, [root, *missing]
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 SpawnOptions.__module__ = "corral"

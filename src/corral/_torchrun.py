@@ -16,6 +16,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Final
 
 from ._cli import Options, _Parser, _std, _UsageError, parse_ranks
+from ._config import RUN_FIELD
 from ._std import Std
 
 if TYPE_CHECKING:
@@ -235,7 +236,8 @@ def parse_torchrun(argv: Sequence[str]) -> Options:
     return Options(
         nprocs=n,
         command=command,
-        log_dir=ns.log_dir,
+        # torchrun never refuses a used --log-dir (each run gets a new sub-folder): nor does this.
+        log_dir=_numbered(ns.log_dir),
         redirects=ns.redirects,
         tee=tee,
         tee_ranks=tee_ranks,
@@ -246,3 +248,10 @@ def parse_torchrun(argv: Sequence[str]) -> Options:
         expand_rank=False,
         subcommand="torchrun",
     )
+
+
+def _numbered(log_dir: str | None) -> str | None:
+    """``LOG_DIR/run-{run}``: every run in a sub-folder of its own (see ``RUN_FIELD``)."""
+    if log_dir is None or RUN_FIELD in log_dir:
+        return log_dir
+    return os.path.join(log_dir, f"run-{RUN_FIELD}")
