@@ -22,12 +22,10 @@ import warnings
 from typing import IO, TYPE_CHECKING, Final, Unpack
 
 from . import _contain, _platform, _stacks
-from ._callable import load_result
 from ._config import Entrypoint, GroupPlan, RankPlan, SpawnOptions, _grace, build_plan
 from ._errors import ConfigError, CorralError
 from ._pump import Pump, open_pump
-from ._record import read_error_file
-from ._result import Failure, RankLogs, Result, signal_name
+from ._result import RankLogs, RankOutcome, Result, assemble
 from ._spawn import ExecFailed, start_rank
 from ._std import Std
 from ._tee import Console
@@ -92,6 +90,21 @@ class _Rank:
     def held(self) -> bool:
         """Its pid is ours (alive or an unreaped zombie): its process group can be signalled."""
         return self.pid is not None and not self.reaped
+
+    def outcome(self) -> RankOutcome:
+        """What was seen of this rank, for the Result."""
+        failed = self.exec_failed
+        return RankOutcome(
+            rank=self.plan.rank,
+            logs=self.plan.logs,
+            pid=self.pid,
+            returncode=self.returncode,
+            exit_time=self.exit_time,
+            after_close=self.after_close,
+            exec_failed=None if failed is None else (failed.exitcode, failed.message),
+            result_file=self.plan.result_file,
+            log_errors=tuple(p.error for p in self.pumps if p.error),
+        )
 
 
 class Group:
@@ -560,102 +573,13 @@ class Group:
 
     # -- the result -------------------------------------------------------------
     def _build_result(self) -> Result:
-        exit_codes: dict[int, int] = {}
-        failures: dict[int, Failure] = {}
-        returns: dict[int, object] = {}
-        terminated: set[int] = set()
-        for r in self._ranks:
-            rank = r.plan.rank
-            if r.exec_failed is not None:
-                exit_codes[rank] = r.exec_failed.exitcode
-                failures[rank] = Failure(
-                    rank=rank,
-                    pid=None,
-                    exitcode=r.exec_failed.exitcode,
-                    signal=None,
-                    timestamp=r.exit_time or self._started_at,
-                    error_file=None,
-                    error=None,
-                    message=r.exec_failed.message,
-                    logs=r.plan.logs,
-                )
-                continue
-            code = r.returncode
-            assert code is not None
-            exit_codes[rank] = code
-            if r.after_close:
-                terminated.add(rank)
-            elif code != 0:
-                failures[rank] = self._failure(r, code)
-            else:
-                value, failure = self._return_value(r)
-                returns[rank] = value
-                if failure is not None:
-                    failures[rank] = failure
-        return Result(
-            exit_codes=exit_codes,
-            return_values=returns,
-            failures=failures,
-            terminated=frozenset(terminated),
-            logs=dict(self.logs),
+        return assemble(
+            [r.outcome() for r in self._ranks],
+            started_at=self._started_at,
             log_dir=self.log_dir,
-            log_errors=self._log_errors(),
             pids=self.pids,
             stacks=dict(self._stacks),
         )
-
-    def _log_errors(self) -> dict[int, tuple[str, ...]]:
-        errors = {r.plan.rank: tuple(p.error for p in r.pumps if p.error) for r in self._ranks}
-        return {rank: e for rank, e in errors.items() if e}
-
-    def _failure(self, r: _Rank, code: int, message: str | None = None) -> Failure:
-        """Build rank ``r``'s Failure: the error file, when there is one, explains it."""
-        sig = signal_name(-code) if code < 0 else None
-        info = read_error_file(r.plan.logs.error_file)
-        timestamp = r.exit_time or time.time()
-        if message is None:
-            if info is not None:
-                message = info.message
-            elif sig:
-                message = f"killed by {sig}"
-            else:
-                message = f"exited with code {code}"
-        if info is not None and info.timestamp is not None:
-            # When the exception happened, not when its exit was seen: the root
-            # cause among ranks that failed close together is the first to raise.
-            # PyTorch's format has whole seconds only: within that second, the
-            # exit time (just after the raise) is the better estimate.
-            whole = info.timestamp.is_integer()
-            if not (whole and info.timestamp <= timestamp < info.timestamp + 1):
-                timestamp = info.timestamp
-        return Failure(
-            rank=r.plan.rank,
-            pid=r.pid,
-            exitcode=code,
-            signal=sig,
-            timestamp=timestamp,
-            error_file=r.plan.logs.error_file if info is not None else None,
-            error=info.content if info is not None else None,
-            message=message,
-            traceback=info.traceback if info is not None else None,
-            logs=r.plan.logs,
-        )
-
-    def _return_value(self, r: _Rank) -> tuple[object, Failure | None]:
-        """Load a callable rank's return value (None for void and for commands)."""
-        path = r.plan.result_file
-        if path is None:
-            return None, None
-        try:
-            return load_result(path), None
-        except Exception as exc:
-            name = type(exc).__qualname__
-            return None, self._failure(
-                r,
-                0,
-                f"its return value was pickled but cannot be loaded by the supervisor "
-                f"({name}: {exc}); return types the supervisor can import",
-            )
 
 
 def _exit_callback(group: Group, r: _Rank, popen: object) -> _ExitCallback:

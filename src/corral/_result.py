@@ -1,16 +1,20 @@
-"""Frozen records of what happened: ``RankLogs``, ``Failure`` and ``Result``."""
+"""Frozen records of what happened (``RankLogs``, ``Failure``, ``Result``) and how a
+Result is assembled from what the supervisor saw of each rank (``RankOutcome``)."""
 
 from __future__ import annotations
 
 import re
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+from ._callable import load_result
 from ._errors import GroupFailedError
+from ._record import read_error_file
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
     from pathlib import Path
 
 __all__ = ("Failure", "RankLogs", "Result")
@@ -390,3 +394,136 @@ def _ranges(ranks: frozenset[int] | set[int]) -> str:
 
 for _cls in (RankLogs, Failure, Result):
     _cls.__module__ = "corral"
+
+
+# -- assembly --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RankOutcome:
+    """What the supervisor saw of one rank, once it is reaped (the input of ``assemble``).
+
+    Attributes:
+        rank, logs: the rank and its log files.
+        pid: its pid, ``None`` when it never started.
+        returncode: Popen convention; ``None`` only when it never started.
+        exit_time: when its exit was seen (seconds since the epoch).
+        after_close: it exited after corral began closing the group.
+        exec_failed: ``(exitcode, message)`` when the program could not be executed.
+        result_file: where a callable rank pickled its return value.
+        log_errors: errors met while writing its log files.
+    """
+
+    rank: int
+    logs: RankLogs
+    pid: int | None
+    returncode: int | None
+    exit_time: float | None
+    after_close: bool
+    exec_failed: tuple[int, str] | None
+    result_file: Path | None
+    log_errors: tuple[str, ...]
+
+
+def assemble(
+    outcomes: Sequence[RankOutcome],
+    *,
+    started_at: float,
+    log_dir: Path | None,
+    pids: dict[int, int],
+    stacks: dict[int, Path],
+) -> Result:
+    """The group's Result: who failed on their own, who was terminated, what each returned."""
+    exit_codes: dict[int, int] = {}
+    failures: dict[int, Failure] = {}
+    returns: dict[int, object] = {}
+    terminated: set[int] = set()
+    for o in outcomes:
+        if o.exec_failed is not None:
+            code, message = o.exec_failed
+            exit_codes[o.rank] = code
+            failures[o.rank] = Failure(
+                rank=o.rank,
+                pid=None,
+                exitcode=code,
+                signal=None,
+                timestamp=o.exit_time or started_at,
+                error_file=None,
+                error=None,
+                message=message,
+                logs=o.logs,
+            )
+            continue
+        code_ = o.returncode
+        assert code_ is not None
+        exit_codes[o.rank] = code_
+        if o.after_close:
+            terminated.add(o.rank)
+        elif code_ != 0:
+            failures[o.rank] = failure_of(o, code_)
+        else:
+            value, failure = _return_value(o)
+            returns[o.rank] = value
+            if failure is not None:
+                failures[o.rank] = failure
+    return Result(
+        exit_codes=exit_codes,
+        return_values=returns,
+        failures=failures,
+        terminated=frozenset(terminated),
+        logs={o.rank: o.logs for o in outcomes},
+        log_dir=log_dir,
+        log_errors={o.rank: o.log_errors for o in outcomes if o.log_errors},
+        pids=pids,
+        stacks=stacks,
+    )
+
+
+def failure_of(o: RankOutcome, code: int, message: str | None = None) -> Failure:
+    """Rank ``o``'s Failure: its error file, when there is one, explains it."""
+    sig = signal_name(-code) if code < 0 else None
+    info = read_error_file(o.logs.error_file)
+    timestamp = o.exit_time or time.time()
+    if message is None:
+        if info is not None:
+            message = info.message
+        elif sig:
+            message = f"killed by {sig}"
+        else:
+            message = f"exited with code {code}"
+    if info is not None and info.timestamp is not None:
+        # When the exception happened, not when its exit was seen: the root
+        # cause among ranks that failed close together is the first to raise.
+        # PyTorch's format has whole seconds only: within that second, the
+        # exit time (just after the raise) is the better estimate.
+        whole = info.timestamp.is_integer()
+        if not (whole and info.timestamp <= timestamp < info.timestamp + 1):
+            timestamp = info.timestamp
+    return Failure(
+        rank=o.rank,
+        pid=o.pid,
+        exitcode=code,
+        signal=sig,
+        timestamp=timestamp,
+        error_file=o.logs.error_file if info is not None else None,
+        error=info.content if info is not None else None,
+        message=message,
+        traceback=info.traceback if info is not None else None,
+        logs=o.logs,
+    )
+
+
+def _return_value(o: RankOutcome) -> tuple[object, Failure | None]:
+    """Load a callable rank's return value (None for void and for commands)."""
+    if o.result_file is None:
+        return None, None
+    try:
+        return load_result(o.result_file), None
+    except Exception as exc:
+        name = type(exc).__qualname__
+        return None, failure_of(
+            o,
+            0,
+            f"its return value was pickled but cannot be loaded by the supervisor "
+            f"({name}: {exc}); return types the supervisor can import",
+        )
