@@ -184,7 +184,7 @@ def own_children() -> set[int]:
 
 def helper_pid(group: corral.Group) -> int:
     """The process corral started beside the ranks: the namespace's init, or the watchdog."""
-    contain = group._contain
+    contain = group._attempt._contain
     if isinstance(contain, _contain.NamespaceContainment):
         return contain._ns.pid
     assert isinstance(contain, _contain.WalkContainment)

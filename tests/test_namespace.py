@@ -127,7 +127,7 @@ async def test_close_catches_children_forked_while_it_signals() -> None:
             async with spawn_on(
                 [*python(FORKER), arg], nprocs=2, tee="out", grace=2.0, console=console
             ) as group:
-                assert isinstance(group._contain, _contain.NamespaceContainment)
+                assert isinstance(group._attempt._contain, _contain.NamespaceContainment)
                 await out.wait_for(b"ten", count=2)
                 result = await group.close()
         assert result.terminated == {0, 1}
@@ -254,6 +254,6 @@ async def test_a_group_inside_a_rank_gets_a_namespace_of_its_own(tmp_path: Path)
 async def test_the_keyword_chooses_the_walk() -> None:
     """``pid_namespace=False`` beats the environment: the group walks /proc instead."""
     async with corral.spawn(python("pass"), nprocs=1, pid_namespace=False) as group:
-        assert isinstance(group._contain, _contain.WalkContainment)
+        assert isinstance(group._attempt._contain, _contain.WalkContainment)
         result = await group.wait()
     assert result.ok

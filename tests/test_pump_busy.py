@@ -74,7 +74,7 @@ async def test_growth_budget_exhausted_keeps_default(
             python(_WRITER), nprocs=1, log_dir=tmp_path / "logs", tee="out", console=console
         )
         async with group:
-            pumps = [p for r in group._ranks for p in r.pumps]
+            pumps = [p for r in group._attempt._ranks for p in r.pumps]
             result = await group.wait()
     assert result.ok, result
     assert [getattr(p._transport, "max_size", None) for p in pumps] == [_pump.CHUNK]

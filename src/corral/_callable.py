@@ -83,6 +83,13 @@ class CallSpec:
         return argv, result_file
 
 
+def moved(argv: tuple[str, ...], old_dir: Path, new_dir: Path) -> tuple[tuple[str, ...], Path]:
+    """A rank's argv from :meth:`CallSpec.rank_argv` for a new folder (its call file copied)."""
+    (new_dir / CALL_FILE).write_bytes((old_dir / CALL_FILE).read_bytes())
+    result_file = new_dir / RESULT_FILE
+    return (*argv[:-2], str(new_dir / CALL_FILE), str(result_file)), result_file
+
+
 def _short(obj: object) -> str:
     try:
         text = repr(obj)

@@ -17,7 +17,7 @@ import socket
 import string
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final, TypeAlias, TypedDict, cast
 
@@ -102,6 +102,11 @@ class GroupPlan:
     #: scan saw alive (see ``_reap.reap_zombie_children``). The CLI owns its
     #: process and sets it; a library host may have such children of its own.
     reap_orphan_leaders: bool = False
+    #: How many times a failed attempt is started again (the whole group).
+    max_restarts: int = 0
+    #: Seconds before the first restart; each next one waits twice as long, up to the cap.
+    restart_backoff: float = 1.0
+    restart_backoff_max: float = 30.0
 
 
 class SpawnOptions(TypedDict, total=False):
@@ -138,6 +143,13 @@ class SpawnOptions(TypedDict, total=False):
     #: where the kernel allows it, ``True`` always (else the start fails),
     #: ``False`` never (the ``/proc`` walk). See README "Containment".
     pid_namespace: bool | None
+    #: How many times the whole group is started again after a failure
+    #: (default 0). Never after ``close()``, a cancellation or a signal.
+    max_restarts: int
+    #: Seconds before the first restart (default 1); doubled before each
+    #: next one, up to ``restart_backoff_max`` (default 30).
+    restart_backoff: float
+    restart_backoff_max: float
 
 
 _OPTIONS: Final = frozenset(SpawnOptions.__annotations__)
@@ -174,6 +186,9 @@ def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
         raise ConfigError(
             f"pid_namespace must be True, False or None, not {type(pid_namespace).__name__}"
         )
+    max_restarts = _count(options.get("max_restarts", 0), "max_restarts")
+    backoff = _seconds(options.get("restart_backoff", 1.0), "restart_backoff")
+    backoff_max = _seconds(options.get("restart_backoff_max", 30.0), "restart_backoff_max")
     is_callable = not isinstance(entrypoint, (str, os.PathLike)) and callable(entrypoint)
     n = _nprocs(nprocs, args, envs)
     per_rank_args = _per_rank_args(args, n, is_callable)
@@ -192,10 +207,18 @@ def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
     else:
         base_argv = _command(entrypoint)
     root, made = _log_dir(log_dir, n)
+    if max_restarts and not made:
+        taken = [f for f in range(1, max_restarts + 1) if (root / attempt_folder(f)).exists()]
+        if taken:
+            raise ConfigError(
+                f"log_dir {str(root)!r} already holds {attempt_folder(taken[0])}: the logs of "
+                "an earlier run with restarts; corral never overwrites logs: choose a new log_dir"
+            )
 
     token = os.urandom(8).hex()  # what secrets.token_hex does, without importing hmac
     parent_env = dict(os.environ)
     shared_env = _shared_env(n, token, parent_env, common_env, per_rank_env)
+    shared_env["TORCHELASTIC_MAX_RESTARTS"] = str(max_restarts)
     ranks: list[RankPlan] = []
     created: list[Path] = []
     try:
@@ -266,7 +289,67 @@ def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
         token=token,
         is_callable=is_callable,
         pid_namespace=pid_namespace,
+        max_restarts=max_restarts,
+        restart_backoff=backoff,
+        restart_backoff_max=max(backoff, backoff_max),
     )
+
+
+def attempt_folder(attempt: int) -> str:
+    """The sub-folder of ``log_dir`` holding a restart's rank folders."""
+    return f"attempt-{attempt}"
+
+
+def next_attempt(plan: GroupPlan, attempt: int) -> GroupPlan:
+    """``plan`` for restart number ``attempt``: new log folders, the restart count in the env.
+
+    Attempt 0 writes ``{log_dir}/{rank}/``; attempt K writes
+    ``{log_dir}/attempt-K/{rank}/``, so no attempt's logs are overwritten.
+
+    Raises:
+        ConfigError: the folders cannot be created (or already exist).
+    """
+    root = plan.log_dir / attempt_folder(attempt)
+    try:
+        root.mkdir()
+    except OSError as exc:
+        raise ConfigError(f"cannot create {root} for attempt {attempt}: {exc}") from exc
+    ranks = []
+    for rp in plan.ranks:
+        rank_dir = root / str(rp.rank)
+        rank_dir.mkdir()
+        logs = RankLogs(
+            stdout=rank_dir / "stdout.log" if rp.logs.stdout else None,
+            stderr=rank_dir / "stderr.log" if rp.logs.stderr else None,
+            error_file=rank_dir / "error.json",
+        )
+        env = dict(rp.env)
+        env.update(
+            CORRAL_ERROR_FILE=str(logs.error_file),
+            TORCHELASTIC_ERROR_FILE=str(logs.error_file),
+            TORCHELASTIC_RESTART_COUNT=str(attempt),
+        )
+        argv, result_file = rp.argv, rp.result_file
+        if result_file is not None:  # a callable: its call file moves with it
+            argv, result_file = _callable.moved(argv, rp.dir, rank_dir)
+        ranks.append(
+            replace(rp, argv=argv, env=env, dir=rank_dir, logs=logs, result_file=result_file)
+        )
+    return replace(plan, ranks=tuple(ranks))
+
+
+def _count(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name} must be a whole number >= 0, not {value!r}")
+    return value
+
+
+def _seconds(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number of seconds, not {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be finite and >= 0, not {value!r}")
+    return float(value)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -148,6 +148,9 @@ class Result:
         stacks: rank -> its ``stacks.txt``: what the rank was doing when corral
             dumped its stacks (``Group.dump_stacks``, or just before closing
             signalled it when ``Group.stacks_on_close`` is set).
+        attempt: which attempt this describes: 0 for the first start, K for
+            the K-th restart (``max_restarts``).
+        previous: the Results of the earlier attempts, first to last (each failed).
     """
 
     exit_codes: dict[int, int]
@@ -159,6 +162,8 @@ class Result:
     log_errors: dict[int, tuple[str, ...]] = field(default_factory=dict)
     pids: dict[int, int] = field(default_factory=dict)
     stacks: dict[int, Path] = field(default_factory=dict)
+    attempt: int = 0
+    previous: tuple[Result, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -242,6 +247,7 @@ class Result:
             "",
             "root cause: " + root.describe(),
         ]
+        lines += self._attempt_lines()
         others = sorted(
             (f for f in self.failures.values() if f is not root),
             key=lambda f: (f.timestamp, f.rank),
@@ -264,6 +270,17 @@ class Result:
             lines.append(f"logs: {self.log_dir}")
         lines += _log_error_lines(self.log_errors)
         return "\n".join(lines)
+
+    def _attempt_lines(self) -> list[str]:
+        """After restarts: which attempt this is, and how each earlier one ended."""
+        if not self.previous:
+            return []
+        lines = ["", f"attempt {self.attempt} (after {len(self.previous)} restart(s)); earlier:"]
+        for k, earlier in enumerate(self.previous):
+            cause = earlier.root_cause
+            how = "ended" if cause is None else f"rank {cause.rank} {cause.message}"
+            lines.append(f"  attempt {k}: {how}")
+        return lines
 
     def _terminated_lines(self) -> list[str]:
         """``terminated by corral: ranks ...``, then each with its pid and end, when known."""
