@@ -86,6 +86,16 @@ def _grace(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
 def _std(text: str) -> Std | dict[int, Std]:
     try:
         return Std.parse(text)
@@ -246,6 +256,24 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     run.add_argument(
+        "--max-restarts",
+        type=_count,
+        default=0,
+        metavar="N",
+        help=(
+            "after a rank fails, stop every rank and start the whole group again, up to N "
+            "times (default: 0); each attempt logs to LOG_DIR/attempt-K. e.g. --max-restarts 3"
+        ),
+    )
+    run.add_argument(
+        "--restart-backoff",
+        type=_grace,
+        default=1.0,
+        metavar="SECONDS",
+        help="wait before the first restart, doubled before each next one up to 30 s "
+        "(default: 1). e.g. --restart-backoff 0.5",
+    )
+    run.add_argument(
         "--grace",
         type=_grace,
         default=30.0,
@@ -303,6 +331,8 @@ class Options:
     expand_rank: bool = True
     #: The subcommand, for messages.
     subcommand: str = "run"
+    max_restarts: int = 0
+    restart_backoff: float = 1.0
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -364,6 +394,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         grace=ns.grace,
         env=tuple(ns.env),
         color=ns.color,
+        max_restarts=ns.max_restarts,
+        restart_backoff=ns.restart_backoff,
     )
 
 
@@ -601,6 +633,8 @@ async def _supervise(opts: Options, signals: _Signals, launch: _Launch, console:
         tee_ranks=opts.tee_ranks,
         prefix=opts.prefix,
         grace=opts.grace,
+        max_restarts=opts.max_restarts,
+        restart_backoff=opts.restart_backoff,
     )
     # corral owns this process: every child is its own, so orphans re-parented
     # to it can be reaped without the library's caution about a host's children.

@@ -42,7 +42,7 @@ examples:
   corral torchrun --nproc-per-node 2 --no-python ./worker.sh
 
 not supported (a one-line error): multi-node (--nnodes other than 1, --node-rank
-other than 0, --rdzv-*), --max-restarts other than 0, --run-path and torchrun's
+other than 0, --rdzv-*), --run-path and torchrun's
 logging plug-ins.
 """
 
@@ -200,10 +200,12 @@ def parse_torchrun(argv: Sequence[str]) -> Options:
         raise _UsageError(f"{fail} --nnodes {ns.nnodes}: only one node (--nnodes 1) is supported")
     if ns.node_rank.strip() != "0":
         raise _UsageError(f"{fail} --node-rank {ns.node_rank}: only one node is supported")
-    if ns.max_restarts.strip() != "0":
-        raise _UsageError(
-            f"{fail} --max-restarts {ns.max_restarts}: restarts are not supported yet (only 0)"
-        )
+    try:
+        max_restarts = int(ns.max_restarts)
+    except ValueError:
+        max_restarts = -1
+    if max_restarts < 0:
+        raise _UsageError(f"{fail} --max-restarts {ns.max_restarts}: expected a whole number >= 0")
     if ns.module and ns.no_python:
         raise _UsageError(f"{fail} --module and --no-python cannot be used together")
     if not (ns.grace >= 0 and ns.grace != float("inf")):
@@ -245,6 +247,7 @@ def parse_torchrun(argv: Sequence[str]) -> Options:
         grace=ns.grace,
         env=tuple(env),
         color="auto",
+        max_restarts=max_restarts,
         expand_rank=False,
         subcommand="torchrun",
     )

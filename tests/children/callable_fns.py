@@ -7,6 +7,7 @@ this file, not pytest.
 from __future__ import annotations
 
 import os
+import pathlib
 import sys
 import threading
 
@@ -111,3 +112,12 @@ def return_unloadable() -> LoadsNowhere:
 def open_fds() -> list[int]:
     """The rank's open descriptors (listing /proc/self/fd opens one more)."""
     return sorted(int(f) for f in os.listdir("/proc/self/fd"))
+
+
+def fail_once_then_return(marker: str, value: int) -> int:
+    """Raise the first time (leaving ``marker``), return ``value`` after."""
+    path = pathlib.Path(marker)
+    if not path.exists():
+        path.touch()
+        raise RuntimeError("first attempt fails")
+    return value
