@@ -190,7 +190,7 @@ def test_torchrun_options(tmp_path: Path) -> None:
     assert parse_torchrun(["--nproc-per-node", "cpu", "s.py"]).nprocs >= 1
     for bad, name in (
         (["--nnodes", "2"], "--nnodes"),
-        (["--max-restarts", "3"], "--max-restarts"),
+        (["--max-restarts", "x"], "--max-restarts"),
         (["--rdzv-endpoint", "h:1"], "--rdzv-endpoint"),
         (["--run-path"], "--run-path"),
         (["--nproc-per-node", "gpu"], "--nproc-per-node"),
