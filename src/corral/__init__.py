@@ -13,6 +13,7 @@ from ._group import Group as Group
 from ._group import run as run
 from ._group import spawn as spawn
 from ._record import record as record
+from ._rendezvous import Rendezvous as Rendezvous
 from ._result import Failure as Failure
 from ._result import RankLogs as RankLogs
 from ._result import Result as Result
@@ -27,6 +28,7 @@ __all__ = (
     "Group",
     "GroupFailedError",
     "RankLogs",
+    "Rendezvous",
     "Result",
     "SpawnOptions",
     "Std",
@@ -38,3 +40,4 @@ __all__ = (
 for _exc in (ConfigError, CorralError, GroupFailedError):
     _exc.__module__ = "corral"
 del _exc
+Rendezvous.__module__ = "corral"

@@ -24,7 +24,7 @@ from . import _contain, _platform, _stacks
 from ._config import GroupPlan, RankPlan, _grace
 from ._errors import ConfigError, CorralError
 from ._pump import Pump, open_pump
-from ._result import RankLogs, RankOutcome, Result, assemble
+from ._result import Failure, RankLogs, RankOutcome, Result, assemble, failure_of
 from ._spawn import ExecFailed, start_rank
 from ._std import Std
 from ._tee import Console
@@ -183,6 +183,24 @@ class Attempt:
         if self._closer is None:
             await self._settled.wait()
         return await self._close_shielded(None, hurry_on_cancel=False)
+
+    async def settled(self) -> None:
+        """Wait until a rank failed or every rank exited (what ``wait`` waits for)."""
+        self._require_started("settled")
+        assert self._settled is not None
+        await self._settled.wait()
+
+    def failures_so_far(self) -> list[Failure]:
+        """The failures of the ranks that exited on their own so far (no closing needed)."""
+        return [
+            failure_of(r.outcome(), r.returncode)
+            for r in self._ranks
+            if r.returncode not in (None, 0) and not r.after_close
+        ] + [
+            failure_of(r.outcome(), r.exec_failed.exitcode, r.exec_failed.message)
+            for r in self._ranks
+            if r.exec_failed is not None
+        ]
 
     def poll(self) -> Result | None:
         """Return ``None`` while any rank runs, else the final :class:`Result`; never blocks."""

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Final, NoReturn
 from ._config import MAX_NPROCS, OMP_NOTE, SpawnOptions, master_env
 from ._errors import ConfigError, CorralError
 from ._group import Group, _spawn
+from ._rendezvous import Rendezvous
 from ._result import signal_name
 from ._std import Std
 from ._tee import Console
@@ -84,6 +85,92 @@ def _grace(text: str) -> float:
     if not (value >= 0 and value != float("inf")):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
     return value
+
+
+def add_rendezvous_options(p: argparse.ArgumentParser) -> None:
+    """torchrun's multi-node options (shared by ``corral run`` and ``corral torchrun``)."""
+    p.add_argument(
+        "--nnodes",
+        default="1",
+        metavar="N|MIN:MAX",
+        help="nodes of the job, each running its own corral (default: 1); more than 1 needs "
+        "--rdzv-endpoint and torch. e.g. --nnodes 2",
+    )
+    p.add_argument(
+        "--rdzv-endpoint",
+        "--rdzv_endpoint",
+        metavar="HOST:PORT",
+        help="torch's rendezvous store every node reaches (c10d: the node that can bind it "
+        "hosts it). e.g. --rdzv-endpoint node0:29400",
+    )
+    p.add_argument(
+        "--rdzv-id",
+        "--rdzv_id",
+        default="none",
+        metavar="ID",
+        help="the job's id, the same on every node. e.g. --rdzv-id exp1",
+    )
+    p.add_argument(
+        "--rdzv-backend",
+        "--rdzv_backend",
+        default="c10d",
+        metavar="NAME",
+        help="c10d (default) or static (needs --node-rank)",
+    )
+    p.add_argument(
+        "--node-rank",
+        "--node_rank",
+        type=int,
+        default=None,
+        metavar="K",
+        help="this node's rank with --rdzv-backend static (c10d assigns ranks itself)",
+    )
+    p.add_argument(
+        "--rdzv-conf",
+        "--rdzv_conf",
+        default="",
+        metavar="KEY=VALUE,...",
+        help="torch rendezvous settings, e.g. --rdzv-conf join_timeout=60",
+    )
+    p.add_argument(
+        "--local-addr",
+        "--local_addr",
+        metavar="ADDR",
+        help="this node's address as the others reach it (default: torch's choice)",
+    )
+
+
+def rendezvous_from(ns: argparse.Namespace, fail: str) -> Rendezvous | None:
+    """The ``Rendezvous`` the multi-node options ask for; ``None`` for one machine.
+
+    Raises:
+        _UsageError: the options do not make a rendezvous.
+    """
+    nnodes = str(ns.nnodes).strip()
+    if ns.rdzv_endpoint is None:
+        if nnodes not in ("1", "1:1"):
+            raise _UsageError(f"{fail} --nnodes {nnodes} needs --rdzv-endpoint HOST:PORT")
+        return None
+    config: dict[str, str] = {}
+    for item in filter(None, (x.strip() for x in ns.rdzv_conf.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _UsageError(f"{fail} --rdzv-conf {item!r}: expected KEY=VALUE")
+        config[key.strip()] = value.strip()
+    try:
+        join_timeout = float(config.pop("join_timeout", "600"))
+        return Rendezvous(
+            endpoint=ns.rdzv_endpoint,
+            run_id=ns.rdzv_id,
+            nnodes=nnodes,
+            backend=ns.rdzv_backend,
+            node_rank=ns.node_rank if ns.rdzv_backend == "static" else None,
+            join_timeout=join_timeout,
+            local_addr=ns.local_addr,
+            config=config,
+        )
+    except (ConfigError, ValueError) as exc:
+        raise _UsageError(f"{fail} {exc}") from None
 
 
 def _count(text: str) -> int:
@@ -255,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Default: '[{rank}]: '. e.g. --prefix '{rank}/{stream}| '"
         ),
     )
+    add_rendezvous_options(run)
     run.add_argument(
         "--max-restarts",
         type=_count,
@@ -333,6 +421,7 @@ class Options:
     subcommand: str = "run"
     max_restarts: int = 0
     restart_backoff: float = 1.0
+    rendezvous: Rendezvous | None = None
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -396,6 +485,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         color=ns.color,
         max_restarts=ns.max_restarts,
         restart_backoff=ns.restart_backoff,
+        rendezvous=rendezvous_from(ns, f"{PROG} run: error:"),
     )
 
 
@@ -635,6 +725,7 @@ async def _supervise(opts: Options, signals: _Signals, launch: _Launch, console:
         grace=opts.grace,
         max_restarts=opts.max_restarts,
         restart_backoff=opts.restart_backoff,
+        rendezvous=opts.rendezvous,
     )
     # corral owns this process: every child is its own, so orphans re-parented
     # to it can be reaped without the library's caution about a host's children.

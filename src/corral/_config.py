@@ -19,12 +19,16 @@ import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Final, TypeAlias, TypedDict, cast
+from typing import TYPE_CHECKING, Final, TypeAlias, TypedDict, cast
 
 from . import _callable
 from ._errors import ConfigError
+from ._rendezvous import Rendezvous
 from ._result import RankLogs
 from ._std import Std
+
+if TYPE_CHECKING:
+    from ._rendezvous import World
 
 __all__ = (
     "MAX_NPROCS",
@@ -107,6 +111,8 @@ class GroupPlan:
     #: Seconds before the first restart; each next one waits twice as long, up to the cap.
     restart_backoff: float = 1.0
     restart_backoff_max: float = 30.0
+    #: This node's part in a multi-node group (``None``: one machine).
+    rendezvous: Rendezvous | None = None
 
 
 class SpawnOptions(TypedDict, total=False):
@@ -150,6 +156,9 @@ class SpawnOptions(TypedDict, total=False):
     #: next one, up to ``restart_backoff_max`` (default 30).
     restart_backoff: float
     restart_backoff_max: float
+    #: Run as one node of a multi-node group on torch's rendezvous (README,
+    #: "Several machines"); ranks get global ``RANK``/``WORLD_SIZE``.
+    rendezvous: Rendezvous | None
 
 
 _OPTIONS: Final = frozenset(SpawnOptions.__annotations__)
@@ -185,6 +194,11 @@ def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
     if pid_namespace is not None and not isinstance(pid_namespace, bool):
         raise ConfigError(
             f"pid_namespace must be True, False or None, not {type(pid_namespace).__name__}"
+        )
+    rendezvous = options.get("rendezvous")
+    if rendezvous is not None and not isinstance(rendezvous, Rendezvous):
+        raise ConfigError(
+            f"rendezvous must be a corral.Rendezvous, not {type(rendezvous).__name__}"
         )
     max_restarts = _count(options.get("max_restarts", 0), "max_restarts")
     backoff = _seconds(options.get("restart_backoff", 1.0), "restart_backoff")
@@ -292,7 +306,18 @@ def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
         max_restarts=max_restarts,
         restart_backoff=backoff,
         restart_backoff_max=max(backoff, backoff_max),
+        rendezvous=rendezvous,
     )
+
+
+def with_world(plan: GroupPlan, world: World) -> GroupPlan:
+    """``plan`` for this node of ``world``: global ranks, the round's master, run id."""
+    ranks = []
+    for rp in plan.ranks:
+        env = dict(rp.env)
+        env.update(world.env(rp.rank))
+        ranks.append(replace(rp, env=env))
+    return replace(plan, ranks=tuple(ranks))
 
 
 def attempt_folder(attempt: int) -> str:

@@ -18,13 +18,23 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Unpack
 
 from ._attempt import Attempt
-from ._config import Entrypoint, GroupPlan, SpawnOptions, build_plan, next_attempt
+from ._config import (
+    Entrypoint,
+    GroupPlan,
+    SpawnOptions,
+    build_plan,
+    next_attempt,
+    with_world,
+)
+from ._errors import CorralError
+from ._rendezvous import Node
 
 if TYPE_CHECKING:
     from collections.abc import Collection
     from pathlib import Path
     from types import TracebackType
 
+    from ._rendezvous import World
     from ._result import RankLogs, Result
     from ._tee import Console
 
@@ -54,6 +64,10 @@ class Group:
         self._starting = False
         self._wake = asyncio.Event()
         self._stacks_on_close = False
+        #: This node's membership of a multi-node world (``None``: one machine).
+        self._node = Node(plan.rendezvous, plan.nprocs) if plan.rendezvous else None
+        self._joining = False
+        self._ending: asyncio.Future[None] | None = None
         self.nprocs: int = plan.nprocs
         self.log_dir: Path = plan.log_dir
 
@@ -84,13 +98,34 @@ class Group:
         self._attempt.stacks_on_close = value
 
     # -- lifecycle ------------------------------------------------------------------
+    @property
+    def world(self) -> World | None:
+        """In a multi-node group: this node's rank, the node count, its global ranks."""
+        return None if self._node is None else self._node.world
+
     async def __aenter__(self) -> Group:
-        await self._attempt.__aenter__()
-        if self._plan.max_restarts:
-            self._driver = asyncio.get_running_loop().create_task(
-                self._drive(), name="corral-restarts"
-            )
-            self._driver.add_done_callback(_retrieve)
+        node = self._node
+        if node is not None:
+            self._joining = True
+            try:
+                world = await node.join()
+                self._attempt = Attempt(with_world(self._plan, world), self._console)
+                self._attempt.stacks_on_close = self._stacks_on_close
+                await self._attempt.__aenter__()
+            except BaseException:
+                await node.shutdown()
+                raise
+            finally:
+                self._joining = False
+            drive = self._drive_world(node)
+        elif self._plan.max_restarts:
+            await self._attempt.__aenter__()
+            drive = self._drive()
+        else:
+            await self._attempt.__aenter__()
+            return self
+        self._driver = asyncio.get_running_loop().create_task(drive, name="corral-driver")
+        self._driver.add_done_callback(_retrieve)
         return self
 
     async def __aexit__(
@@ -201,6 +236,10 @@ class Group:
             self._closing = True
             self._close_args = (grace, sig)
         self._wake.set()
+        if self._joining and self._node is not None:
+            # A join blocks in torch until every node came: closing the
+            # rendezvous ends it (for every node: this one will not come).
+            self._ending = asyncio.ensure_future(self._node.shutdown())
 
     async def _drive(self) -> Result:
         """Wait for each attempt; restart after a failure while restarts are left."""
@@ -210,32 +249,108 @@ class Group:
             result = replace(result, attempt=self.attempt, previous=tuple(self._previous))
             if self._closing or not result.failures or self.attempt >= plan.max_restarts:
                 return result
-            delay = min(plan.restart_backoff * 2**self.attempt, plan.restart_backoff_max)
-            root = result.root_cause
-            assert root is not None
-            _log.warning(
-                "corral: attempt %d failed (rank %d: %s); restart %d of %d in %.1f s",
-                self.attempt,
-                root.rank,
-                root.message,
-                self.attempt + 1,
-                plan.max_restarts,
-                delay,
-            )
-            if delay > 0:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), delay)
-                except TimeoutError:
-                    pass
-            if self._wake.is_set():  # closed during the backoff
-                return result
+            if not await self._backoff(result):
+                return result  # closed during the backoff
             self._previous.append(result)
             await self._start_next()
 
-    async def _start_next(self) -> None:
+    async def _backoff(self, result: Result) -> bool:
+        """Log the restart, wait the backoff; False when the group was closed meanwhile."""
+        plan = self._plan
+        delay = min(plan.restart_backoff * 2**self.attempt, plan.restart_backoff_max)
+        root = result.root_cause
+        assert root is not None
+        _log.warning(
+            "corral: attempt %d failed (%s: %s); restart %d of %d in %.1f s",
+            self.attempt,
+            root.where,
+            root.message,
+            self.attempt + 1,
+            plan.max_restarts,
+            delay,
+        )
+        if delay > 0:
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
+        return not self._wake.is_set()
+
+    async def _drive_world(self, node: Node) -> Result:
+        """Each attempt of a multi-node world: run it, learn how the world ended, restart."""
+        plan = self._plan
+        try:
+            while True:
+                result = await self._world_attempt(node)
+                result = replace(result, attempt=self.attempt, previous=tuple(self._previous))
+                if (
+                    result.world_failure is None
+                    or self._closing
+                    or self.attempt >= plan.max_restarts
+                ):
+                    return result
+                if not await self._backoff(result):
+                    return result
+                self._previous.append(result)
+                self._joining = True
+                try:
+                    world = await node.join()
+                except CorralError:
+                    if self._wake.is_set():  # closed while joining
+                        return result
+                    raise
+                finally:
+                    self._joining = False
+                await self._start_next(with_world(next_attempt(plan, self.attempt), world))
+        finally:
+            await node.shutdown()
+
+    async def _world_attempt(self, node: Node) -> Result:
+        """Run the current attempt until the world's round ends; its Result, world cause set."""
+        attempt = self._attempt
+        world = node.world
+        assert world is not None
+        end_task = asyncio.ensure_future(node.ended())
+        settled = asyncio.ensure_future(attempt.settled())
+        try:
+            await asyncio.wait({end_task, settled}, return_when=asyncio.FIRST_COMPLETED)
+            if settled.done() and not self._closing:
+                # Tell the world at once, before this node's own teardown.
+                early = attempt.failures_so_far()
+                if early:
+                    first = min(early, key=lambda f: (f.timestamp, f.rank))
+                    await node.publish_failure(first)
+            if end_task.done() and not settled.done():
+                grace, sig = self._close_args if self._closing else (None, signal.SIGTERM)
+                result = await attempt.close(grace, sig=sig)
+            else:
+                result = await attempt.wait()
+            if not end_task.done():
+                await node.publish(result, closed=self._closing)
+            end = await end_task
+        except BaseException:
+            if not end_task.done():
+                await node.publish_closed()  # ends every node's wait, this one's thread too
+                await asyncio.wait([end_task])
+            raise
+        finally:
+            settled.cancel()
+        # This node's failures say where they are in the world.
+        failures = {rank: node.enrich(f) for rank, f in result.failures.items()}
+        failure = end.failure
+        if end.kind == "failed" and failure is not None and failure.node == world.node:
+            # This node's own failure: the local record (logs, traceback) is the root cause.
+            failure = failures.get(failure.rank, failure)
+        return replace(
+            result, failures=failures, world_failure=failure if end.kind == "failed" else None
+        )
+
+    async def _start_next(self, plan: GroupPlan | None = None) -> None:
         self._starting = True
         try:
-            following = Attempt(next_attempt(self._plan, self.attempt), self._console)
+            if plan is None:
+                plan = next_attempt(self._plan, self.attempt)
+            following = Attempt(plan, self._console)
             following.stacks_on_close = self._stacks_on_close
             self._attempt = following
             await following.__aenter__()

@@ -72,6 +72,9 @@ class Failure:
             otherwise e.g. ``"exited with code 3"`` or ``"killed by SIGSEGV"``.
         traceback: the recorded traceback text, when the error file has one.
         logs: the rank's log files.
+        node, host, global_rank: in a multi-node group, the node (its rank in
+            the rendezvous), its host name and the rank's global ``RANK``
+            (``rank`` is its local rank on that node); ``None`` on one machine.
     """
 
     rank: int
@@ -84,6 +87,18 @@ class Failure:
     message: str
     traceback: str | None = None
     logs: RankLogs | None = None
+    node: int | None = None
+    host: str | None = None
+    global_rank: int | None = None
+
+    @property
+    def where(self) -> str:
+        """``rank 3`` on one machine; ``rank 3 (node 1 on host-b, local rank 1)`` across nodes."""
+        if self.node is None:
+            return f"rank {self.rank}"
+        if self.global_rank is None:
+            return f"node {self.node} on {self.host}"
+        return f"rank {self.global_rank} (node {self.node} on {self.host}, local rank {self.rank})"
 
     @property
     def waited_on_peer(self) -> bool:
@@ -106,7 +121,7 @@ class Failure:
         """
         pid = "never started" if self.pid is None else f"pid {self.pid}"
         lines = [
-            f"rank {self.rank} ({pid}) {_how(self)} at {_clock(self.timestamp)}",
+            f"{self.where} ({pid}) {_how(self)} at {_clock(self.timestamp)}",
         ]
         if not _says_only_how(self):
             lines.append(f"  {self.message}")
@@ -151,6 +166,9 @@ class Result:
         attempt: which attempt this describes: 0 for the first start, K for
             the K-th restart (``max_restarts``).
         previous: the Results of the earlier attempts, first to last (each failed).
+        world_failure: in a multi-node group, the world's root cause, wherever
+            it happened (this node's ranks may all be ``terminated``): it is
+            the ``root_cause``. ``None`` when no rank of any node failed.
     """
 
     exit_codes: dict[int, int]
@@ -164,11 +182,12 @@ class Result:
     stacks: dict[int, Path] = field(default_factory=dict)
     attempt: int = 0
     previous: tuple[Result, ...] = ()
+    world_failure: Failure | None = None
 
     @property
     def ok(self) -> bool:
-        """True when no rank failed and none was terminated."""
-        return not self.failures and not self.terminated
+        """True when no rank failed and none was terminated (on any node)."""
+        return not self.failures and not self.terminated and self.world_failure is None
 
     @property
     def root_cause(self) -> Failure | None:
@@ -179,6 +198,8 @@ class Result:
         of the rank that stopped: it is the root cause only when every
         failure is such a victim. Among the others, the earliest wins.
         """
+        if self.world_failure is not None:
+            return self.world_failure
         if not self.failures:
             return None
         causes = [f for f in self.failures.values() if not f.waited_on_peer]
@@ -190,7 +211,7 @@ class Result:
         Raises:
             GroupFailedError: at least one rank failed; its ``result`` is this Result.
         """
-        if self.failures:
+        if self.failures or self.world_failure is not None:
             raise GroupFailedError(self)
 
     def describe(self) -> str:
@@ -236,6 +257,8 @@ class Result:
                     rest.append(f"logs: {self.log_dir}")
                 return "\n".join([head, *rest]).rstrip("\n")
             return "\n".join(["every rank succeeded", *_log_error_lines(self.log_errors)])
+        if root not in self.failures.values():
+            return self._describe_remote(root)
         n = len(self.exit_codes)
         count = len(self.failures)
         first = "failed" if count == 1 else f"failed first ({count} of {n} ranks failed)"
@@ -243,7 +266,7 @@ class Result:
         if earliest is not root:
             first = f"stopped, others then failed waiting for it ({count} of {n} ranks failed)"
         lines = [
-            f"rank {root.rank} {first}: {root.message}",
+            f"{root.where} {first}: {root.message}",
             "",
             "root cause: " + root.describe(),
         ]
@@ -258,7 +281,7 @@ class Result:
                 pid = "never started" if f.pid is None else f"pid {f.pid}"
                 later = f.timestamp - root.timestamp
                 when = f"{later:.3f} s later" if later >= 0 else f"{-later:.3f} s earlier"
-                line = f"  rank {f.rank} ({pid}) {_how(f)}, {when}"
+                line = f"  {f.where} ({pid}) {_how(f)}, {when}"
                 if not _says_only_how(f):
                     line += f": {f.message}"
                 if f.waited_on_peer and not root.waited_on_peer:
@@ -271,6 +294,25 @@ class Result:
         lines += _log_error_lines(self.log_errors)
         return "\n".join(lines)
 
+    def _describe_remote(self, root: Failure) -> str:
+        """The world's root cause is on another node: it, then what happened here."""
+        lines = [
+            f"{root.where} failed on another node: {root.message}",
+            "",
+            "root cause: " + root.describe(),
+        ]
+        lines += self._attempt_lines()
+        if self.failures:
+            lines += ["", "failures on this node (after the root cause):"]
+            for f in sorted(self.failures.values(), key=lambda f: (f.timestamp, f.rank)):
+                line = f"  {f.where} {_how(f)}"
+                lines.append(line if _says_only_how(f) else f"{line}: {f.message}")
+        lines += self._terminated_lines()
+        lines += self._stack_lines()
+        if self.log_dir is not None:
+            lines.append(f"logs of this node: {self.log_dir}")
+        return "\n".join(lines)
+
     def _attempt_lines(self) -> list[str]:
         """After restarts: which attempt this is, and how each earlier one ended."""
         if not self.previous:
@@ -278,7 +320,7 @@ class Result:
         lines = ["", f"attempt {self.attempt} (after {len(self.previous)} restart(s)); earlier:"]
         for k, earlier in enumerate(self.previous):
             cause = earlier.root_cause
-            how = "ended" if cause is None else f"rank {cause.rank} {cause.message}"
+            how = "ended" if cause is None else f"{cause.where} {cause.message}"
             lines.append(f"  attempt {k}: {how}")
         return lines
 

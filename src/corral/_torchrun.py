@@ -15,7 +15,15 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Final
 
-from ._cli import Options, _Parser, _std, _UsageError, parse_ranks
+from ._cli import (
+    Options,
+    _Parser,
+    _std,
+    _UsageError,
+    add_rendezvous_options,
+    parse_ranks,
+    rendezvous_from,
+)
 from ._config import RUN_FIELD
 from ._std import Std
 
@@ -41,9 +49,7 @@ examples:
   corral torchrun --nproc_per_node=2 -m mypkg.train
   corral torchrun --nproc-per-node 2 --no-python ./worker.sh
 
-not supported (a one-line error): multi-node (--nnodes other than 1, --node-rank
-other than 0, --rdzv-*), --run-path and torchrun's
-logging plug-ins.
+not supported (a one-line error): --run-path and torchrun's logging plug-ins.
 """
 
 
@@ -107,8 +113,7 @@ def build_torchrun_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="single machine, local rendezvous: always the case with corral",
     )
-    p.add_argument("--nnodes", default="1", help="only 1 (or 1:1) is supported")
-    p.add_argument("--node-rank", "--node_rank", default="0", help="only 0 is supported")
+    add_rendezvous_options(p)
     p.add_argument(
         "--max-restarts",
         "--max_restarts",
@@ -166,15 +171,10 @@ def build_torchrun_parser() -> argparse.ArgumentParser:
         help="corral's: seconds between the forwarded signal and SIGKILL (default: 30)",
     )
     for names, nargs in (
-        (("--rdzv-backend", "--rdzv_backend"), None),
-        (("--rdzv-endpoint", "--rdzv_endpoint"), None),
-        (("--rdzv-id", "--rdzv_id"), None),
-        (("--rdzv-conf", "--rdzv_conf"), None),
         (("--run-path", "--run_path"), 0),
         (("--event-log-handler", "--event_log_handler"), None),
         (("--duplicate-stdout-filters", "--duplicate_stdout_filters"), None),
         (("--duplicate-stderr-filters", "--duplicate_stderr_filters"), None),
-        (("--local-addr", "--local_addr"), None),
         (("--logs-specs", "--logs_specs"), None),
         (("--numa-binding", "--numa_binding"), None),
         (("--signals-to-handle", "--signals_to_handle"), None),
@@ -196,10 +196,7 @@ def parse_torchrun(argv: Sequence[str]) -> Options:
     """
     ns = build_torchrun_parser().parse_args(list(argv))
     fail = f"{PROG}: error:"
-    if ns.nnodes.strip() not in ("1", "1:1"):
-        raise _UsageError(f"{fail} --nnodes {ns.nnodes}: only one node (--nnodes 1) is supported")
-    if ns.node_rank.strip() != "0":
-        raise _UsageError(f"{fail} --node-rank {ns.node_rank}: only one node is supported")
+    rendezvous = None if ns.standalone else rendezvous_from(ns, fail)
     try:
         max_restarts = int(ns.max_restarts)
     except ValueError:
@@ -248,6 +245,7 @@ def parse_torchrun(argv: Sequence[str]) -> Options:
         env=tuple(env),
         color="auto",
         max_restarts=max_restarts,
+        rendezvous=rendezvous,
         expand_rank=False,
         subcommand="torchrun",
     )
