@@ -328,10 +328,12 @@ class Group:
             if not end_task.done():
                 await node.publish(result, closed=self._closing)
             end = await end_task
+            await node.end_round()
         except BaseException:
             if not end_task.done():
                 await node.publish_closed()  # ends every node's wait, this one's thread too
                 await asyncio.wait([end_task])
+            await node.end_round()
             raise
         finally:
             settled.cancel()

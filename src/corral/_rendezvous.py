@@ -20,10 +20,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
+import sys
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -192,6 +195,11 @@ class Node:
         self._world: World | None = None
         self._round = ""
         self._threads: set[threading.Thread] = set()
+        #: The round's liveness links (see ``_link``): node 0's server, the open
+        #: connections, and the tasks reading them to their end of file.
+        self._server: asyncio.Server | None = None
+        self._links: list[asyncio.StreamWriter] = []
+        self._readers: set[asyncio.Task[None]] = set()
 
     @property
     def world(self) -> World | None:
@@ -214,14 +222,85 @@ class Node:
             await self.shutdown()
             raise
         self._world = world
+        try:
+            await self._link(world)
+        except asyncio.CancelledError:
+            await self.shutdown()
+            raise
+        except OSError as exc:
+            await self.shutdown()
+            raise CorralError(f"could not link to node 0 at {world.master_addr}: {exc}") from exc
         return world
 
+    # -- liveness -----------------------------------------------------------------------
+    async def _link(self, world: World) -> None:
+        """Connect every node to node 0 for the round: a node whose corral dies is seen at once.
+
+        The kernel closes a dead process's sockets, so the other end reads
+        end of file within milliseconds: node 0 then ends the round with
+        "node K lost", node K with "node 0 lost" (whoever writes the round's
+        end first wins; once the round has ended these writes change nothing).
+        Membership stays torch's: this only watches the members it gave.
+        """
+        store = self._store
+        key = self._key("link")
+        if world.node == 0:
+            self._server = await asyncio.start_server(self._accept, port=0)
+            port = self._server.sockets[0].getsockname()[1]
+            await self._in_thread(lambda: store.set(key, str(port)))
+            return
+        port = int(await self._in_thread(lambda: store.get(key)))
+        reader, writer = await asyncio.open_connection(world.master_addr, port)
+        writer.write(f"{world.node}\n".encode())
+        self._links.append(writer)
+        self._watch(reader, 0)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._links.append(writer)
+        line = await reader.readline()
+        if line.strip().isdigit():
+            self._watch(reader, int(line))
+
+    def _watch(self, reader: asyncio.StreamReader, node: int) -> None:
+        async def until_eof() -> None:
+            try:
+                while await reader.read(4096):
+                    pass
+            except OSError:
+                pass
+            await self._end({"kind": "failed", "failure": _node_lost(node)})
+
+        task = asyncio.ensure_future(until_eof())
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
+
+    async def end_round(self) -> None:
+        """The round has ended (its end key is written): drop the liveness links."""
+        for task in list(self._readers):
+            task.cancel()
+        if self._readers:
+            await asyncio.wait(self._readers)
+        for writer in self._links:
+            writer.close()
+        self._links.clear()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
     def _make_handler(self) -> Any:
+        if "torch" not in sys.modules:
+            # torch's C++ store logs a screenful per broken connection, and a
+            # node that ended breaks connections by design: errors only. (Read
+            # at import; the host's own setting wins, and ranks never see it.)
+            os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
         try:
-            from torch.distributed.elastic.rendezvous import (
-                RendezvousParameters,
-                registry,
-            )
+            with warnings.catch_warnings():  # e.g. "Failed to initialize NumPy": not ours to show
+                warnings.simplefilter("ignore")
+                from torch.distributed.elastic.rendezvous import (
+                    RendezvousParameters,
+                    registry,
+                )
         except ImportError as exc:
             raise CorralError(_INSTALL) from exc
         rdzv = self._rdzv
@@ -343,6 +422,7 @@ class Node:
 
     async def shutdown(self) -> None:
         """Close the rendezvous for every node (the job is over) and release it."""
+        await self.end_round()
         handler = self._handler
         if handler is None:
             return
@@ -428,13 +508,28 @@ def _decode(raw: bytes) -> WorldEnd:
             error=None,
             message=str(f["message"]),
             node=int(f["node"]),
-            host=str(f["host"]),
-            global_rank=int(f["global_rank"]),
+            host=None if f["host"] is None else str(f["host"]),
+            global_rank=None if f["global_rank"] is None else int(f["global_rank"]),
         )
         return WorldEnd("failed", failure)
     if kind == "closed":
         return WorldEnd("closed", node=data.get("node"))
     return WorldEnd("ok")
+
+
+def _node_lost(node: int) -> dict[str, object]:
+    """The encoded failure of a node whose corral ended without a word (SIGKILL, a crash)."""
+    return {
+        "rank": -1,
+        "global_rank": None,
+        "node": node,
+        "host": None,
+        "pid": None,
+        "exitcode": 1,
+        "signal": None,
+        "timestamp": time.time(),
+        "message": "its corral ended without a word (killed?); its ranks ended with it",
+    }
 
 
 def _lost(exc: BaseException) -> WorldEnd:

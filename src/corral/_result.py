@@ -96,8 +96,8 @@ class Failure:
         """``rank 3`` on one machine; ``rank 3 (node 1 on host-b, local rank 1)`` across nodes."""
         if self.node is None:
             return f"rank {self.rank}"
-        if self.global_rank is None:
-            return f"node {self.node} on {self.host}"
+        if self.global_rank is None:  # the node itself (its corral was lost)
+            return f"node {self.node}" + (f" on {self.host}" if self.host else "")
         return f"rank {self.global_rank} (node {self.node} on {self.host}, local rank {self.rank})"
 
     @property
@@ -119,6 +119,8 @@ class Failure:
         Without a traceback (no error file), the last lines of the rank's
         stderr log are shown instead (of its stdout log when stderr is empty).
         """
+        if self.node is not None and self.global_rank is None:  # a lost node, not a rank
+            return f"{self.where} was lost at {_clock(self.timestamp)}\n  {self.message}"
         pid = "never started" if self.pid is None else f"pid {self.pid}"
         lines = [
             f"{self.where} ({pid}) {_how(self)} at {_clock(self.timestamp)}",
