@@ -191,7 +191,7 @@ def test_torchrun_options(tmp_path: Path) -> None:
     for bad, name in (
         (["--nnodes", "2"], "--nnodes"),
         (["--max-restarts", "x"], "--max-restarts"),
-        (["--rdzv-endpoint", "h:1"], "--rdzv-endpoint"),
+        (["--logs-specs", "x"], "--logs-specs"),
         (["--run-path"], "--run-path"),
         (["--nproc-per-node", "gpu"], "--nproc-per-node"),
     ):

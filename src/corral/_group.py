@@ -27,7 +27,7 @@ from ._config import (
     with_world,
 )
 from ._errors import CorralError
-from ._rendezvous import Node
+from ._rendezvous import Node, stopped
 
 if TYPE_CHECKING:
     from collections.abc import Collection
@@ -281,13 +281,9 @@ class Group:
         plan = self._plan
         try:
             while True:
-                result = await self._world_attempt(node)
+                result, failed = await self._world_attempt(node)
                 result = replace(result, attempt=self.attempt, previous=tuple(self._previous))
-                if (
-                    result.world_failure is None
-                    or self._closing
-                    or self.attempt >= plan.max_restarts
-                ):
+                if not failed or self._closing or self.attempt >= plan.max_restarts:
                     return result
                 if not await self._backoff(result):
                     return result
@@ -305,8 +301,13 @@ class Group:
         finally:
             await node.shutdown()
 
-    async def _world_attempt(self, node: Node) -> Result:
-        """Run the current attempt until the world's round ends; its Result, world cause set."""
+    async def _world_attempt(self, node: Node) -> tuple[Result, bool]:
+        """Run the current attempt until the world's round ends.
+
+        Returns:
+            Its Result with the world's cause set, and whether the world
+            failed (a closed world, stopped by one node, is never restarted).
+        """
         attempt = self._attempt
         world = node.world
         assert world is not None
@@ -343,9 +344,11 @@ class Group:
         if end.kind == "failed" and failure is not None and failure.node == world.node:
             # This node's own failure: the local record (logs, traceback) is the root cause.
             failure = failures.get(failure.rank, failure)
-        return replace(
-            result, failures=failures, world_failure=failure if end.kind == "failed" else None
-        )
+        if end.kind == "closed" and end.node != world.node:
+            failure = stopped(end.node)
+        elif end.kind != "failed":
+            failure = None
+        return replace(result, failures=failures, world_failure=failure), end.kind == "failed"
 
     async def _start_next(self, plan: GroupPlan | None = None) -> None:
         self._starting = True

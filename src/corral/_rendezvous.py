@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
     from ._result import Result
 
-__all__ = ("Node", "Rendezvous", "World", "WorldEnd")
+__all__ = ("Node", "Rendezvous", "World", "WorldEnd", "stopped")
 
 _log = logging.getLogger("corral")
 
@@ -245,8 +245,13 @@ class Node:
         store = self._store
         key = self._key("link")
         if world.node == 0:
-            self._server = await asyncio.start_server(self._accept, port=0)
-            port = self._server.sockets[0].getsockname()[1]
+            # One socket, so one port, for IPv4 and IPv6 (others dial master_addr, either).
+            if socket.has_dualstack_ipv6():
+                sock = socket.create_server(("", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+            else:
+                sock = socket.create_server(("", 0))
+            self._server = await asyncio.start_server(self._accept, sock=sock)
+            port = sock.getsockname()[1]
             await self._in_thread(lambda: store.set(key, str(port)))
             return
         port = int(await self._in_thread(lambda: store.get(key)))
@@ -530,6 +535,21 @@ def _node_lost(node: int) -> dict[str, object]:
         "timestamp": time.time(),
         "message": "its corral ended without a word (killed?); its ranks ended with it",
     }
+
+
+def stopped(node: int | None) -> Failure:
+    """Why this node's ranks were closed: another node was stopped (a signal, its user)."""
+    return Failure(
+        rank=-1,
+        pid=None,
+        exitcode=1,
+        signal=None,
+        timestamp=time.time(),
+        error_file=None,
+        error=None,
+        message="it was stopped (a signal to its corral, or its program closed it)",
+        node=node,
+    )
 
 
 def _lost(exc: BaseException) -> WorldEnd:

@@ -120,7 +120,7 @@ class Failure:
         stderr log are shown instead (of its stdout log when stderr is empty).
         """
         if self.node is not None and self.global_rank is None:  # a lost node, not a rank
-            return f"{self.where} was lost at {_clock(self.timestamp)}\n  {self.message}"
+            return f"{self.where} ended at {_clock(self.timestamp)}: {self.message}"
         pid = "never started" if self.pid is None else f"pid {self.pid}"
         lines = [
             f"{self.where} ({pid}) {_how(self)} at {_clock(self.timestamp)}",
@@ -298,8 +298,9 @@ class Result:
 
     def _describe_remote(self, root: Failure) -> str:
         """The world's root cause is on another node: it, then what happened here."""
+        where = "failed on another node" if root.global_rank is not None else "ended"
         lines = [
-            f"{root.where} failed on another node: {root.message}",
+            f"{root.where} {where}: {root.message}",
             "",
             "root cause: " + root.describe(),
         ]
