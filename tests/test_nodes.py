@@ -73,12 +73,12 @@ class Nodes:
             x.wait_for(up, timeout=60)
 
 
-def nodes(tmp_path: Path, *args: str, n: int = 2) -> Nodes:
+def nodes(tmp_path: Path, *args: str, n: int = 2, sub: str = "run") -> Nodes:
     """Start ``n`` corral nodes of one job on a fresh endpoint; ARGS after ``run``."""
     endpoint = f"127.0.0.1:{free_port()}"
     started = []
     for k in range(n):
-        cmd = [PY, "-m", "corral", "run", "--nnodes", str(n), "--rdzv-endpoint", endpoint]
+        cmd = [PY, "-m", "corral", sub, "--nnodes", str(n), "--rdzv-endpoint", endpoint]
         cmd += ["--rdzv-id", "test", "--log-dir", str(tmp_path / f"node{k}"), *args]
         proc = subprocess.Popen(
             cmd,
@@ -96,9 +96,13 @@ def rank_cmd(tmp_path: Path, fail: int, code: int, *, once: bool = False) -> lis
     return ["--", PY, "-c", RANK, str(fail), str(code), "1" if once else "0", str(tmp_path)]
 
 
-def test_two_nodes_all_reduce(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sub", ["run", "torchrun"])
+def test_two_nodes_all_reduce(tmp_path: Path, sub: str) -> None:
     """2 nodes x 2 ranks: an unchanged gloo script sees RANK 0..3 of WORLD_SIZE 4."""
-    job = nodes(tmp_path, "-n", "2", "--", PY, ALLREDUCE)
+    if sub == "run":
+        job = nodes(tmp_path, "-n", "2", "--", PY, ALLREDUCE)
+    else:
+        job = nodes(tmp_path, "--nproc-per-node", "2", ALLREDUCE, sub="torchrun")
     try:
         ends = job.finish()
     finally:
