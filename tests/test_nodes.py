@@ -237,3 +237,21 @@ def test_bad_rendezvous_input() -> None:
     assert res.returncode == 2
     assert "--rdzv-endpoint" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+async def test_a_cancelled_join_leaves_no_thread(tmp_path: Path) -> None:
+    """The library, one node of two: cancelling the join closes the rendezvous, awaits its
+    thread, starts nothing and creates no log beyond the (empty) rank folders."""
+    import asyncio
+    import threading
+
+    before = threading.active_count()
+    rdzv = Rendezvous(endpoint=f"127.0.0.1:{free_port()}", run_id="cancel", nnodes=2)
+    group = corral.spawn(PY, nprocs=1, log_dir=tmp_path / "logs", rendezvous=rdzv)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(3):  # the other node never comes
+            async with group:
+                pytest.fail("the group started without its other node")
+    assert group.pids == {}
+    assert threading.active_count() == before
+    assert sorted(os.listdir(tmp_path / "logs" / "0")) == []

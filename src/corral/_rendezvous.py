@@ -194,7 +194,6 @@ class Node:
         self._store: Any = None  # the round's store (torch's prefix store)
         self._world: World | None = None
         self._round = ""
-        self._threads: set[threading.Thread] = set()
         #: The round's liveness links (see ``_link``): node 0's server, the open
         #: connections, and the tasks reading them to their end of file.
         self._server: asyncio.Server | None = None
@@ -217,7 +216,7 @@ class Node:
         if self._handler is None:
             self._handler = await self._in_thread(self._make_handler)
         try:
-            world: World = await self._in_thread(self._join)
+            world: World = await self._in_thread(self._join, on_cancel=self._close_rendezvous)
         except asyncio.CancelledError:
             await self.shutdown()
             raise
@@ -434,35 +433,44 @@ class Node:
         self._handler = None
         await self._in_thread(handler.shutdown, quiet=True)
 
+    def _close_rendezvous(self) -> None:
+        """Close the rendezvous from any thread (a blocked join then ends in about a second)."""
+        handler, self._handler = self._handler, None
+        if handler is not None:
+            try:
+                handler.shutdown()
+            except Exception:
+                _log.debug("corral: closing the rendezvous failed", exc_info=True)
+
     def _key(self, name: str) -> str:
         return f"corral/{self._round}/{name}"
 
-    async def _in_thread(self, fn: Any, *, quiet: bool = False) -> Any:
+    async def _in_thread(self, fn: Any, *, quiet: bool = False, on_cancel: Any = None) -> Any:
         """Run blocking torch code in a thread; on cancellation, await the thread's end.
 
-        A thread is never left behind: a cancelled caller waits for it (the
-        blocking calls end by themselves once the rendezvous is closed or
-        the round's key written), shielded, then re-raises.
+        A thread is never left behind: a cancelled caller first calls
+        ``on_cancel`` (in a thread of its own: what makes ``fn`` return, e.g.
+        closing the rendezvous), then waits for ``fn``'s thread, even when
+        cancelled again, then re-raises.
         """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-
-        def body() -> None:
-            try:
-                value = fn()
-            except BaseException as exc:  # handed to the loop
-                loop.call_soon_threadsafe(_settle, future, None, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, future, value, None)
-
-        thread = threading.Thread(target=body, name="corral-rendezvous", daemon=True)
-        self._threads.add(thread)
-        thread.start()
+        future, thread = _threaded(fn)
+        threads = [thread]
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            if not future.done():
-                await asyncio.wait([future])
+            pending = [future]
+            if on_cancel is not None and not future.done():
+                closing, closer = _threaded(on_cancel)
+                pending.append(closing)
+                threads.append(closer)
+            while not all(f.done() for f in pending):
+                try:
+                    await asyncio.wait(pending)
+                except asyncio.CancelledError:
+                    continue
+            for f in pending:  # seen: their outcome no longer matters
+                if not f.cancelled():
+                    f.exception()
             raise
         except Exception:
             if quiet:
@@ -470,8 +478,26 @@ class Node:
                 return None
             raise
         finally:
-            if future.done():
-                self._threads.discard(thread)
+            for t in threads:  # each has settled its future: its last step
+                t.join()
+
+
+def _threaded(fn: Any) -> tuple[asyncio.Future[Any], threading.Thread]:
+    """Run ``fn`` in a thread of its own (ended when ``fn`` returns); its outcome, as a future."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def body() -> None:
+        try:
+            value = fn()
+        except BaseException as exc:  # handed to the loop
+            loop.call_soon_threadsafe(_settle, future, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, future, value, None)
+
+    thread = threading.Thread(target=body, name="corral-rendezvous", daemon=True)
+    thread.start()
+    return future, thread
 
 
 def _settle(future: asyncio.Future[Any], value: object, exc: BaseException | None) -> None:
