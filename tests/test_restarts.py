@@ -90,6 +90,7 @@ async def test_restarts_exhausted(tmp_path: Path) -> None:
         "1",
         "attempt-1",
         "attempt-2",
+        "report.json",
     ]
 
 

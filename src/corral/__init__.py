@@ -9,6 +9,7 @@ from ._config import SpawnOptions as SpawnOptions
 from ._errors import ConfigError as ConfigError
 from ._errors import CorralError as CorralError
 from ._errors import GroupFailedError as GroupFailedError
+from ._events import Event as Event
 from ._group import Group as Group
 from ._group import run as run
 from ._group import spawn as spawn
@@ -17,6 +18,7 @@ from ._rendezvous import Rendezvous as Rendezvous
 from ._result import Failure as Failure
 from ._result import RankLogs as RankLogs
 from ._result import Result as Result
+from ._stats import RankStats as RankStats
 from ._std import Std as Std
 
 __version__ = "0.1.0"
@@ -24,10 +26,12 @@ __version__ = "0.1.0"
 __all__ = (
     "ConfigError",
     "CorralError",
+    "Event",
     "Failure",
     "Group",
     "GroupFailedError",
     "RankLogs",
+    "RankStats",
     "Rendezvous",
     "Result",
     "SpawnOptions",
@@ -41,3 +45,5 @@ for _exc in (ConfigError, CorralError, GroupFailedError):
     _exc.__module__ = "corral"
 del _exc
 Rendezvous.__module__ = "corral"
+Event.__module__ = "corral"
+RankStats.__module__ = "corral"

@@ -23,6 +23,7 @@ from typing import IO, TYPE_CHECKING, Final
 from . import _contain, _platform, _stacks
 from ._config import GroupPlan, RankPlan, _grace
 from ._errors import ConfigError, CorralError
+from ._events import EventLog
 from ._pump import Pump, open_pump
 from ._result import Failure, RankLogs, RankOutcome, Result, assemble, failure_of
 from ._spawn import ExecFailed, start_rank
@@ -140,6 +141,10 @@ class Attempt:
         self._stacks: dict[int, Path] = {}
         #: Dump the live ranks' stacks (``dump_stacks``) before closing signals them.
         self.stacks_on_close: bool = False
+        #: Where this attempt's events go (the group's log), and whether its
+        #: close closes the group (no restart can follow): then it says ``closed``.
+        self.events = EventLog()
+        self.last = True
         self.nprocs: int = plan.nprocs
         self.log_dir: Path = plan.log_dir
         self.logs: dict[int, RankLogs] = {rp.rank: rp.logs for rp in plan.ranks}
@@ -183,6 +188,10 @@ class Attempt:
         if self._closer is None:
             await self._settled.wait()
         return await self._close_shielded(None, hurry_on_cancel=False)
+
+    def alive(self, rank: int) -> bool:
+        """Whether ``rank`` runs (started and not yet exited)."""
+        return self._ranks[rank].alive
 
     async def settled(self) -> None:
         """Wait until a rank failed or every rank exited (what ``wait`` waits for)."""
@@ -364,9 +373,17 @@ class Attempt:
                     _touch_logs(rp)  # RankLogs names these files: they exist, empty
                     r.exit_time = time.time()
                     settled.set()
+                    self.events.emit(
+                        "exit",
+                        rank=rp.rank,
+                        exitcode=outcome.exitcode,
+                        failed=True,
+                        detail={"message": outcome.message},
+                    )
                     continue
                 popen = outcome.popen
                 r.pid = popen.pid
+                self.events.emit("start", rank=rp.rank, pid=popen.pid)
                 contain.started(popen.pid)
                 self._live += 1
                 _platform.watch_exit(loop, popen.pid, _exit_callback(self, r, popen), reap=False)
@@ -427,9 +444,11 @@ class Attempt:
         self._live -= 1
         assert self._settled is not None
         assert self._exits_changed is not None
-        if (returncode != 0 and not r.after_close) or self._live == 0:
+        failed = returncode != 0 and not r.after_close
+        if failed or self._live == 0:
             self._settled.set()
         self._exits_changed.set()
+        self.events.emit("exit", rank=r.plan.rank, pid=r.pid, exitcode=returncode, failed=failed)
 
     # -- closing ----------------------------------------------------------------
     async def _close_shielded(self, grace: float | None, *, hurry_on_cancel: bool) -> Result:
@@ -441,6 +460,7 @@ class Attempt:
             self._deadline = deadline
             self._state = max(self._state, _State.CLOSING)
             self._closer = loop.create_task(self._close_task(), name="corral-close")
+            self.events.emit("closing")
         elif deadline < self._deadline:
             self._shorten(deadline)
         closer = self._closer
@@ -519,6 +539,8 @@ class Attempt:
         if self._poll_result is not None and _same_outcome(self._poll_result, result):
             result = self._poll_result
         self._result = result
+        if self.last:
+            self.events.close(result)
         return result
 
     # -- what containment needs from the group (_contain.Ranks) ---------------------

@@ -12,6 +12,7 @@ the driver: they are never restarted.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from dataclasses import replace
@@ -27,10 +28,13 @@ from ._config import (
     with_world,
 )
 from ._errors import CorralError
+from ._events import Event, EventLog
 from ._rendezvous import Node, stopped
+from ._report import REPORT_FILE, write_report
+from ._stats import RankStats, sample
 
 if TYPE_CHECKING:
-    from collections.abc import Collection
+    from collections.abc import AsyncIterator, Collection
     from pathlib import Path
     from types import TracebackType
 
@@ -55,7 +59,12 @@ class Group:
     def __init__(self, plan: GroupPlan, console: Console | None = None) -> None:
         self._plan = plan
         self._console = console
-        self._attempt = Attempt(plan, console)
+        self._events = EventLog()
+        self._events.on_closed = self._write_report
+        self._stacks_on_close = False
+        #: This node's membership of a multi-node world (``None``: one machine).
+        self._node = Node(plan.rendezvous, plan.nprocs) if plan.rendezvous else None
+        self._attempt = self._new_attempt(plan)
         #: The failed attempts' Results, first to last.
         self._previous: list[Result] = []
         self._driver: asyncio.Task[Result] | None = None
@@ -63,10 +72,8 @@ class Group:
         self._close_args: tuple[float | None, int] = (None, signal.SIGTERM)
         self._starting = False
         self._wake = asyncio.Event()
-        self._stacks_on_close = False
-        #: This node's membership of a multi-node world (``None``: one machine).
-        self._node = Node(plan.rendezvous, plan.nprocs) if plan.rendezvous else None
         self._joining = False
+        self._last_stats: dict[int, RankStats] = {}
         self._ending: asyncio.Future[None] | None = None
         self.nprocs: int = plan.nprocs
         self.log_dir: Path = plan.log_dir
@@ -109,8 +116,8 @@ class Group:
             self._joining = True
             try:
                 world = await node.join()
-                self._attempt = Attempt(with_world(self._plan, world), self._console)
-                self._attempt.stacks_on_close = self._stacks_on_close
+                self._joined(world)
+                self._attempt = self._new_attempt(with_world(self._plan, world))
                 await self._attempt.__aenter__()
             except BaseException:
                 await node.shutdown()
@@ -125,8 +132,41 @@ class Group:
             await self._attempt.__aenter__()
             return self
         self._driver = asyncio.get_running_loop().create_task(drive, name="corral-driver")
-        self._driver.add_done_callback(_retrieve)
+        self._driver.add_done_callback(self._driver_done)
         return self
+
+    async def start(self) -> Group:
+        """Start the ranks, for code that cannot use ``async with`` (then call ``close()``).
+
+        Same guarantees as entering the block; pair it with ``await group.close()``
+        (in a ``finally``): leaving a started group unclosed kills its ranks
+        when it is garbage-collected, with a ``ResourceWarning``.
+        """
+        return await self.__aenter__()
+
+    def events(self) -> AsyncIterator[Event]:
+        """Every event of the group, from the first, as it happens; ends after ``closed``.
+
+        Any number of consumers may follow at once; none slows the group
+        (events are kept, a few per rank and attempt); one that starts late
+        gets the earlier events first.
+        """
+        return self._events.follow()
+
+    def stats(self) -> dict[int, RankStats]:
+        """Each live rank's whole process tree now: CPU, memory, threads, processes.
+
+        Cheap enough to call every second (measured in ``benchmarks/``);
+        ``cpu_percent`` is the use since the previous call.
+        """
+        live = {r: pid for r, pid in self.pids.items() if self._attempt.alive(r)}
+        self._last_stats = sample(live, self._last_stats)
+        return dict(self._last_stats)
+
+    @property
+    def history(self) -> tuple[Event, ...]:
+        """The events so far."""
+        return self._events.history
 
     async def __aexit__(
         self,
@@ -229,6 +269,40 @@ class Group:
     def __repr__(self) -> str:
         return f"<corral.Group nprocs={self.nprocs} attempt={self.attempt} log_dir={self.log_dir}>"
 
+    def _new_attempt(self, plan: GroupPlan) -> Attempt:
+        attempt = Attempt(plan, self._console)
+        attempt.stacks_on_close = self._stacks_on_close
+        attempt.events = self._events
+        # Without a driver the attempt's close is the group's: it says "closed".
+        attempt.last = not self._plan.max_restarts and self._node is None
+        return attempt
+
+    def _write_report(self, result: Result | None) -> None:
+        """``{log_dir}/report.json``: the run, for CI systems and dashboards."""
+        world = self.world
+        write_report(
+            self.log_dir / REPORT_FILE,
+            plan=self._plan,
+            result=result,
+            history=self._events.history,
+            world=None if world is None else dataclasses.asdict(world),
+        )
+
+    def _joined(self, world: World) -> None:
+        self._events.emit(
+            "rendezvous",
+            detail={"node": world.node, "nnodes": world.nnodes, "world_size": world.world_size},
+        )
+
+    def _driver_done(self, task: asyncio.Task[Result]) -> None:
+        """The group is over: say so (with the error, when the driver failed)."""
+        if task.cancelled():
+            self._events.close(None)
+        elif task.exception() is not None:
+            self._events.close(None, error=str(task.exception()))
+        else:
+            self._events.close(task.result())
+
     # -- restarts -------------------------------------------------------------------
     def _stop(self, grace: float | None, sig: int) -> None:
         """No restart from now on; a start in progress is closed with ``grace``, ``sig``."""
@@ -291,6 +365,7 @@ class Group:
                 self._joining = True
                 try:
                     world = await node.join()
+                    self._joined(world)
                 except CorralError:
                     if self._wake.is_set():  # closed while joining
                         return result
@@ -355,8 +430,9 @@ class Group:
         try:
             if plan is None:
                 plan = next_attempt(self._plan, self.attempt)
-            following = Attempt(plan, self._console)
-            following.stacks_on_close = self._stacks_on_close
+            following = self._new_attempt(plan)
+            self._events.attempt = self.attempt
+            self._events.emit("restart")
             self._attempt = following
             await following.__aenter__()
         finally:
@@ -364,12 +440,6 @@ class Group:
         if self._closing:  # closed while it started
             grace, sig = self._close_args
             await following.close(grace, sig=sig)
-
-
-def _retrieve(task: asyncio.Task[Result]) -> None:
-    """Mark the driver's exception as seen (``wait``/``close`` raise it to their callers)."""
-    if not task.cancelled():
-        task.exception()
 
 
 async def _finish(driver: asyncio.Task[Result]) -> Result:

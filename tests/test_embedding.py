@@ -1,0 +1,143 @@
+"""For programs that embed corral: explicit start/close, events, stats, the run report."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from typing import TYPE_CHECKING
+
+import pytest
+
+import corral
+
+from .conftest import python
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def kinds(events: list[corral.Event]) -> list[tuple[str, int | None]]:
+    return [(e.kind, e.rank) for e in events]
+
+
+async def test_explicit_start_and_close(tmp_path: Path) -> None:
+    """start() then close(): the same as ``async with``; the ranks are gone after close."""
+    group = corral.spawn(python("import time; time.sleep(600)"), nprocs=2, log_dir=tmp_path)
+    assert await group.start() is group
+    try:
+        assert sorted(group.pids) == [0, 1]
+        assert group.poll() is None
+    finally:
+        result = await group.close(grace=5)
+    assert result.terminated == {0, 1}
+    with pytest.raises(corral.CorralError):
+        await group.start()
+
+
+async def follow(group: corral.Group, into: list[corral.Event]) -> None:
+    into.extend([event async for event in group.events()])
+
+
+async def test_events_for_every_consumer_early_or_late(tmp_path: Path) -> None:
+    """Two consumers, one from the start, one after the close: the same events, in order;
+    both iterations end with ``closed``."""
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    code = (
+        "import os, sys, time\n"
+        "if os.environ['RANK'] == '1':\n"
+        f"    open({str(fifo)!r}).read(); sys.exit(3)\n"
+        "time.sleep(600)\n"
+    )
+    early: list[corral.Event] = []
+    async with asyncio.timeout(30):
+        async with corral.spawn(python(code), nprocs=2, log_dir=tmp_path / "logs", grace=5) as g:
+            consumer = asyncio.ensure_future(follow(g, early))
+            await asyncio.to_thread(fifo.write_text, "go")  # rank 1 may exit now
+            result = await g.wait()
+        await consumer
+    late: list[corral.Event] = []
+    await follow(g, late)
+    assert early == late == list(g.history)
+    assert sorted(kinds(early)[:2]) == [("start", 0), ("start", 1)]
+    assert kinds(early)[-1] == ("closed", None)
+    exits = {e.rank: e for e in early if e.kind == "exit"}
+    assert (exits[1].exitcode, exits[1].failed) == (3, True)
+    assert (exits[0].exitcode, exits[0].failed) == (-15, False)  # ended by corral's close
+    assert kinds(early).index(("closing", None)) < kinds(early).index(("exit", 0))
+    assert exits[1].pid == result.pids[1]
+    assert early[-1].detail == {"ok": False}
+
+
+async def test_events_of_restarts(tmp_path: Path) -> None:
+    """A restart is an event; each event carries its attempt."""
+    async with asyncio.timeout(30):
+        async with corral.spawn(
+            python("import sys; sys.exit(4)"),
+            nprocs=1,
+            log_dir=tmp_path,
+            max_restarts=1,
+            restart_backoff=0,
+        ) as group:
+            await group.wait()
+    got = [(e.kind, e.attempt) for e in group.history]
+    assert got == [
+        ("start", 0),
+        ("exit", 0),
+        ("closing", 0),
+        ("restart", 1),
+        ("start", 1),
+        ("exit", 1),
+        ("closing", 1),
+        ("closed", 1),
+    ]
+
+
+async def test_stats_cover_the_whole_tree(tmp_path: Path) -> None:
+    """A rank with a child that holds 64 MiB: 2 processes, at least that much RSS; a second
+    call gives cpu_percent."""
+    fifo = tmp_path / "ready"
+    os.mkfifo(fifo)
+    child = "import time; b = bytearray(64 << 20); b[::4096] = b'x' * (len(b) // 4096); "
+    child += f"open({str(fifo)!r}, 'w').write('ready'); time.sleep(600)"
+    rank = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); "
+    rank += "time.sleep(600)"
+    async with asyncio.timeout(30):
+        async with corral.spawn(python(rank), nprocs=1, log_dir=tmp_path / "logs", grace=5) as g:
+            assert await asyncio.to_thread(fifo.read_text) == "ready"
+            first = g.stats()
+            second = g.stats()
+    s = first[0]
+    assert (s.rank, s.pid) == (0, g.pids[0])
+    assert s.processes == 2
+    assert s.rss >= 64 << 20
+    assert s.threads >= 2
+    assert s.cpu_seconds > 0
+    assert s.cpu_percent is None
+    assert second[0].cpu_percent is not None
+
+
+async def test_the_run_report(tmp_path: Path) -> None:
+    """report.json in the log folder: every attempt, every rank, the root cause."""
+    async with asyncio.timeout(30):
+        result = await corral.run(
+            python("import sys; sys.exit(6)"),
+            nprocs=2,
+            log_dir=tmp_path,
+            max_restarts=1,
+            restart_backoff=0,
+        )
+    report = json.loads(await asyncio.to_thread((tmp_path / "report.json").read_text))
+    assert report["format"] == "corral-report/1"
+    assert report["ok"] is False
+    assert report["command"][0] == sys.executable
+    assert report["root_cause"]["exitcode"] == 6
+    assert [a["attempt"] for a in report["attempts"]] == [0, 1]
+    last = report["attempts"][1]["ranks"]
+    assert [r["pid"] for r in last] == [result.pids[0], result.pids[1]]
+    assert {r["ended"] for r in last} <= {"failed", "terminated"}
+    assert all(r["duration"] is not None and r["duration"] >= 0 for r in last)
+    assert last[0]["stdout"] is None  # not redirected
+    assert report["duration"] > 0
