@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""What embedding costs: event latency and per-rank stats (issue targets side by side).
+
+Usage::
+
+    python benchmarks/embedding.py            # 30 exits, 256 ranks x 10 stats calls
+
+* event latency: a rank writes ``time.time()`` to a file as its last act, then
+  ``os._exit(0)``; the latency is the ``exit`` event's time minus that (the
+  kernel's process teardown included). Target: median <= 1 ms.
+* stats: ``group.stats()`` for 256 sleeping ranks. Target: <= 20 ms per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import corral
+
+EXIT = "import os, sys, time; open(sys.argv[1], 'w').write(repr(time.time())); os._exit(0)"
+
+
+async def event_latency(runs: int) -> list[float]:
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(runs):
+            stamp = Path(tmp) / f"t{k}"
+            cmd = [sys.executable, "-S", "-c", EXIT, str(stamp)]
+            async with corral.spawn(cmd, nprocs=1, log_dir=Path(tmp) / f"g{k}") as group:
+                await group.wait()
+            exit_event = next(e for e in group.history if e.kind == "exit")
+            out.append((exit_event.time - float(stamp.read_text())) * 1000)
+    return out
+
+
+async def stats_cost(ranks: int, calls: int) -> list[float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        async with corral.spawn(["sleep", "600"], nprocs=ranks, log_dir=tmp, grace=5) as group:
+            costs = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                got = group.stats()
+                costs.append((time.perf_counter() - t0) * 1000)
+                assert len(got) == ranks
+            await group.close(grace=0)
+    return costs
+
+
+def show(label: str, values: list[float], target: str) -> None:
+    med = statistics.median(values)
+    print(f"{label:40} {med:8.2f} ms  [{min(values):.2f}-{max(values):.2f}]  target {target}")
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--exits", type=int, default=30)
+    ap.add_argument("--ranks", type=int, default=256)
+    ap.add_argument("--calls", type=int, default=10)
+    args = ap.parse_args()
+    show("exit -> exit event (median)", await event_latency(args.exits), "<= 1 ms")
+    show(f"group.stats(), {args.ranks} ranks", await stats_cost(args.ranks, args.calls), "<= 20 ms")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
