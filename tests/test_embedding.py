@@ -141,3 +141,73 @@ async def test_the_run_report(tmp_path: Path) -> None:
     assert all(r["duration"] is not None and r["duration"] >= 0 for r in last)
     assert last[0]["stdout"] is None  # not redirected
     assert report["duration"] > 0
+
+
+async def test_lines_of_a_watched_stream(tmp_path: Path) -> None:
+    """watch="all": every line of every rank to a subscriber (no console); the logs match."""
+    for r in range(2):
+        os.mkfifo(tmp_path / f"go-{r}")
+    code = (
+        "import os, sys\n"
+        "r = os.environ['RANK']\n"
+        f"open({str(tmp_path)!r} + '/go-' + r).read()\n"
+        "for k in range(3):\n"
+        "    print(f'out {r} {k}', flush=True)\n"
+        "sys.stderr.write(f'err {r} no newline')\n"
+    )
+    got: list[corral.Line] = []
+    async with asyncio.timeout(30):
+        async with corral.spawn(python(code), nprocs=2, log_dir=tmp_path / "l", watch="all") as g:
+            lines = g.lines()
+            first = asyncio.ensure_future(anext(lines))
+            await asyncio.sleep(0)  # the subscription is registered at its first step
+            for r in range(2):
+                await asyncio.to_thread((tmp_path / f"go-{r}").write_text, "go")
+            got.append(await first)
+            result = await g.wait()  # the group is closed now: the subscription ends
+            got.extend([line async for line in lines])
+    assert result.ok
+    for r in range(2):
+        outs = [x.data for x in got if x.rank == r and x.stream == "out"]
+        assert outs == [f"out {r} {k}\n".encode() for k in range(3)]
+        errs = [x.data for x in got if x.rank == r and x.stream == "err"]
+        assert errs == [f"err {r} no newline".encode()]
+        log = (tmp_path / "l" / str(r) / "stdout.log").read_bytes()
+        assert log == b"".join(outs)
+    assert all(x.missed == 0 and x.attempt == 0 for x in got)
+
+
+async def test_a_slow_line_consumer_is_told_what_it_missed(tmp_path: Path) -> None:
+    """A subscriber that stops reading keeps its newest maxsize lines, then learns how many
+    it missed; the rank never waits for it and the log has every line."""
+    go, printed, last = tmp_path / "go", tmp_path / "printed", tmp_path / "last"
+    for f in (go, printed, last):
+        os.mkfifo(f)
+    code = (
+        f"open({str(go)!r}).read()\n"
+        "for k in range(1000):\n"
+        "    print(k, flush=True)\n"
+        f"open({str(printed)!r}, 'w').write('printed')\n"
+        f"open({str(last)!r}).read()\n"
+        "print('last', flush=True)\n"
+    )
+    async with asyncio.timeout(30):
+        async with corral.spawn(python(code), nprocs=1, log_dir=tmp_path / "l", watch="out") as g:
+            lines = g.lines(maxsize=10)
+            first = asyncio.ensure_future(anext(lines))
+            await asyncio.sleep(0)  # registered
+            await asyncio.to_thread(go.write_text, "go")
+            got = [await first]
+            assert await asyncio.to_thread(printed.read_text) == "printed"
+            got += [await anext(lines) for _ in range(10)]  # all it kept: maxsize lines
+            await asyncio.to_thread(last.write_text, "go")
+            after = await anext(lines)
+            assert await g.wait()
+    numbers = [int(x.data) for x in got]
+    assert numbers[0] == 0
+    assert numbers == sorted(numbers)
+    assert after.data == b"last\n"
+    assert after.missed > 0  # told, with the first line after the gap
+    assert len(got) + 1 + sum(x.missed for x in [*got, after]) == 1001
+    log = (tmp_path / "l" / "0" / "stdout.log").read_text().splitlines()
+    assert log == [*map(str, range(1000)), "last"]

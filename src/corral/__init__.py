@@ -13,6 +13,7 @@ from ._events import Event as Event
 from ._group import Group as Group
 from ._group import run as run
 from ._group import spawn as spawn
+from ._lines import Line as Line
 from ._record import record as record
 from ._rendezvous import Rendezvous as Rendezvous
 from ._result import Failure as Failure
@@ -30,6 +31,7 @@ __all__ = (
     "Failure",
     "Group",
     "GroupFailedError",
+    "Line",
     "RankLogs",
     "RankStats",
     "Rendezvous",
@@ -46,4 +48,5 @@ for _exc in (ConfigError, CorralError, GroupFailedError):
 del _exc
 Rendezvous.__module__ = "corral"
 Event.__module__ = "corral"
+Line.__module__ = "corral"
 RankStats.__module__ = "corral"

@@ -24,6 +24,7 @@ from . import _contain, _platform, _stacks
 from ._config import GroupPlan, RankPlan, _grace
 from ._errors import ConfigError, CorralError
 from ._events import EventLog
+from ._lines import LineFeed, LineHub
 from ._pump import Pump, open_pump
 from ._result import Failure, RankLogs, RankOutcome, Result, assemble, failure_of
 from ._spawn import ExecFailed, start_rank
@@ -145,6 +146,8 @@ class Attempt:
         #: close closes the group (no restart can follow): then it says ``closed``.
         self.events = EventLog()
         self.last = True
+        #: Where the piped streams' lines go (the group's subscribers).
+        self.lines = LineHub()
         self.nprocs: int = plan.nprocs
         self.log_dir: Path = plan.log_dir
         self.logs: dict[int, RankLogs] = {rp.rank: rp.logs for rp in plan.ranks}
@@ -387,19 +390,24 @@ class Attempt:
                 contain.started(popen.pid)
                 self._live += 1
                 _platform.watch_exit(loop, popen.pid, _exit_callback(self, r, popen), reap=False)
-                for name, pipe, path, stream in (
-                    ("out", outcome.stdout, rp.logs.stdout, console.stdout if console else None),
-                    ("err", outcome.stderr, rp.logs.stderr, console.stderr if console else None),
+                for name, flag, pipe, path in (
+                    ("out", Std.OUT, outcome.stdout, rp.logs.stdout),
+                    ("err", Std.ERR, outcome.stderr, rp.logs.stderr),
                 ):
                     if pipe is None:
                         continue
                     pipes.append(pipe)
                     assert path is not None
-                    assert console is not None
-                    assert stream is not None
-                    prefix = console.render_prefix(plan.prefix, rp.rank, name)
+                    stream, prefix = None, b""
+                    if rp.tee & flag:  # shown; else only watched (for line subscribers)
+                        assert console is not None
+                        stream = console.stdout if flag is Std.OUT else console.stderr
+                        prefix = console.render_prefix(plan.prefix, rp.rank, name)
+                    feed = LineFeed(self.lines, rp.rank, name)
                     pending.append(
-                        asyncio.ensure_future(open_pump(rp.rank, name, pipe, path, stream, prefix))
+                        asyncio.ensure_future(
+                            open_pump(rp.rank, name, pipe, path, stream, prefix, feed)
+                        )
                     )
             contain.all_started([r.pid for r in self._ranks if r.pid is not None])
             if pending:

@@ -85,6 +85,8 @@ class RankPlan:
     tee: Std
     #: For callables: where the child leaves its pickled return value.
     result_file: Path | None = None
+    #: Streams read through a pipe for ``group.lines()`` only (not shown; logged).
+    watch: Std = Std.NONE
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,9 @@ class SpawnOptions(TypedDict, total=False):
     redirects: StdSpec
     #: Streams that go to the log files and to the console.
     tee: StdSpec
+    #: Streams corral reads (and logs) for ``group.lines()`` without showing
+    #: them (a teed stream can be subscribed to anyway).
+    watch: StdSpec
     #: The ranks whose tee reaches the console (default: all).
     tee_ranks: Collection[int] | None
     #: Format of each teed line's prefix; fields ``{rank}``, ``{stream}``.
@@ -186,6 +191,7 @@ def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
     log_dir = options.get("log_dir")
     redirects = options.get("redirects", Std.NONE)
     tee = options.get("tee", Std.NONE)
+    watch = options.get("watch", Std.NONE)
     tee_ranks = options.get("tee_ranks")
     prefix = options.get("prefix", "[{rank}]: ")
     grace = options.get("grace", 30.0)
@@ -210,6 +216,7 @@ def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
     per_rank_env = _per_rank_env(envs, n)
     redirect_map = _std_map(redirects, n, "redirects")
     tee_map = _std_map(tee, n, "tee")
+    watch_map = _std_map(watch, n, "watch")
     console_ranks = _tee_ranks(tee_ranks, n)
     _check_prefix(prefix)
     grace = _grace(grace)
@@ -241,7 +248,7 @@ def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
             rank_dir.mkdir()
             created.append(rank_dir)
             streams_tee = tee_map[rank]
-            streams_file = redirect_map[rank] | streams_tee
+            streams_file = redirect_map[rank] | streams_tee | watch_map[rank]
             if rank not in console_ranks:
                 streams_tee = Std.NONE
             logs = RankLogs(
@@ -284,6 +291,7 @@ def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
                     redirect=streams_file,
                     tee=streams_tee,
                     result_file=result_file,
+                    watch=watch_map[rank],
                 )
             )
             _check_exec_size(rank, argv, child_env)

@@ -27,11 +27,13 @@ from ._config import (
     next_attempt,
     with_world,
 )
-from ._errors import CorralError
+from ._errors import ConfigError, CorralError
 from ._events import Event, EventLog
+from ._lines import Line, LineHub
 from ._rendezvous import Node, stopped
 from ._report import REPORT_FILE, write_report
 from ._stats import RankStats, sample
+from ._std import Std
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Collection
@@ -60,7 +62,8 @@ class Group:
         self._plan = plan
         self._console = console
         self._events = EventLog()
-        self._events.on_closed = self._write_report
+        self._events.on_closed = self._on_closed
+        self._lines = LineHub()
         self._stacks_on_close = False
         #: This node's membership of a multi-node world (``None``: one machine).
         self._node = Node(plan.rendezvous, plan.nprocs) if plan.rendezvous else None
@@ -152,6 +155,36 @@ class Group:
         gets the earlier events first.
         """
         return self._events.follow()
+
+    def lines(
+        self,
+        ranks: Collection[int] | None = None,
+        streams: Std | str = Std.ALL,
+        *,
+        maxsize: int = 10_000,
+    ) -> AsyncIterator[Line]:
+        """The lines ranks write from now on, as they come; ends when the group is closed.
+
+        Only streams that pass through corral can be followed: teed ones, and
+        those named by the ``watch`` keyword (logged, not shown). A consumer
+        that falls ``maxsize`` lines behind loses the newest lines rather
+        than slow anything down, and the next line it gets says how many it
+        missed (``Line.missed``; the log files have them all).
+
+        Raises:
+            ConfigError: a bad rank, stream spec or ``maxsize``.
+        """
+        wanted = Std.parse(streams) if isinstance(streams, str) else streams
+        if not isinstance(wanted, Std):
+            raise ConfigError(f"lines: streams must be one Std for every rank, not {streams!r}")
+        names = frozenset(n for n, f in (("out", Std.OUT), ("err", Std.ERR)) if wanted & f)
+        if ranks is not None:
+            bad = [r for r in ranks if not isinstance(r, int) or not 0 <= r < self.nprocs]
+            if bad:
+                raise ConfigError(f"lines: no such rank(s) {bad}; ranks are 0..{self.nprocs - 1}")
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise ConfigError(f"lines: maxsize must be a whole number >= 1, not {maxsize!r}")
+        return self._lines.subscribe(ranks, names, maxsize)
 
     def stats(self) -> dict[int, RankStats]:
         """Each live rank's whole process tree now: CPU, memory, threads, processes.
@@ -273,9 +306,15 @@ class Group:
         attempt = Attempt(plan, self._console)
         attempt.stacks_on_close = self._stacks_on_close
         attempt.events = self._events
+        attempt.lines = self._lines
         # Without a driver the attempt's close is the group's: it says "closed".
         attempt.last = not self._plan.max_restarts and self._node is None
         return attempt
+
+    def _on_closed(self, result: Result | None) -> None:
+        """The group is closed: line subscriptions end, the report is written."""
+        self._lines.close()
+        self._write_report(result)
 
     def _write_report(self, result: Result | None) -> None:
         """``{log_dir}/report.json``: the run, for CI systems and dashboards."""
@@ -431,7 +470,7 @@ class Group:
             if plan is None:
                 plan = next_attempt(self._plan, self.attempt)
             following = self._new_attempt(plan)
-            self._events.attempt = self.attempt
+            self._events.attempt = self._lines.attempt = self.attempt
             self._events.emit("restart")
             self._attempt = following
             await following.__aenter__()

@@ -27,6 +27,7 @@ from typing import IO, TYPE_CHECKING, Final
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from ._lines import LineFeed
     from ._tee import ConsoleStream
 
 __all__ = ("CHUNK", "LINE_CAP", "Pump", "open_pump")
@@ -170,8 +171,11 @@ class _LineTee:
 class Pump(asyncio.Protocol):
     """Read one pipe to EOF into a log file and, optionally, the console."""
 
-    def __init__(self, rank: int, stream: str, path: Path, tee: _LineTee | None) -> None:
+    def __init__(
+        self, rank: int, stream: str, path: Path, tee: _LineTee | None, feed: LineFeed | None
+    ) -> None:
         self.rank = rank
+        self._feed = feed
         self.stream = stream
         self.path = path
         self.error: str | None = None
@@ -218,6 +222,8 @@ class Pump(asyncio.Protocol):
             else:
                 for start in range(0, size, CHUNK):
                     tee.feed(data[start : start + CHUNK])
+        if self._feed is not None:
+            self._feed.feed(data)
         if size == CHUNK and not self._busy:
             self._grow()
 
@@ -269,6 +275,9 @@ class Pump(asyncio.Protocol):
         if self._tee is not None:
             self._tee.flush()
             self._tee.console.detach(self)
+        if self._feed is not None:
+            self._feed.flush()
+            self._feed = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -302,10 +311,11 @@ async def open_pump(
     path: Path,
     console: ConsoleStream | None,
     prefix: bytes,
+    feed: LineFeed | None = None,
 ) -> Pump:
-    """Start pumping ``pipe`` into ``path`` (and the console when given)."""
+    """Start pumping ``pipe`` into ``path`` (and the console, and line subscribers, when given)."""
     tee = _LineTee(console, prefix) if console is not None else None
-    pump = Pump(rank, stream, path, tee)
+    pump = Pump(rank, stream, path, tee, feed)
     try:
         await asyncio.get_running_loop().connect_read_pipe(lambda: pump, pipe)
     except BaseException:

@@ -63,12 +63,12 @@ def start_rank(plan: GroupPlan, rank: RankPlan) -> Started | ExecFailed:
     try:
         out: int | None = None
         err: int | None = None
-        if rank.tee & Std.OUT:
+        if (rank.tee | rank.watch) & Std.OUT:
             out = subprocess.PIPE
         elif rank.redirect & Std.OUT:
             out = _open_log(rank.logs.stdout)
             fds.append(out)
-        if rank.tee & Std.ERR:
+        if (rank.tee | rank.watch) & Std.ERR:
             err = subprocess.PIPE
         elif rank.redirect & Std.ERR:
             err = _open_log(rank.logs.stderr)
