@@ -211,3 +211,36 @@ async def test_a_slow_line_consumer_is_told_what_it_missed(tmp_path: Path) -> No
     assert len(got) + 1 + sum(x.missed for x in [*got, after]) == 1001
     log = (tmp_path / "l" / "0" / "stdout.log").read_text().splitlines()
     assert log == [*map(str, range(1000)), "last"]
+
+
+async def test_a_silent_rank_is_failed_as_hung(tmp_path: Path) -> None:
+    """hang_timeout: rank 0 goes silent (hung), rank 1 only touches its heartbeat file,
+    rank 2 keeps printing. Rank 0 is dumped and failed as hung, the root cause; the others
+    are terminated by the close that follows."""
+    code = (
+        "import os, pathlib, sys, time\n"
+        "r = os.environ['RANK']\n"
+        "beat = pathlib.Path(os.environ['CORRAL_HEARTBEAT_FILE'])\n"
+        "print('started', flush=True)\n"
+        "while True:\n"
+        "    time.sleep(0.1)\n"
+        "    if r == '1':\n"
+        "        beat.touch()\n"
+        "    elif r == '2':\n"
+        "        print('.', flush=True)\n"
+    )
+    async with asyncio.timeout(30):
+        async with corral.spawn(
+            python(code), nprocs=3, log_dir=tmp_path, redirects="out", hang_timeout=1.5, grace=5
+        ) as group:
+            result = await group.wait()
+    assert set(result.failures) == {0}
+    hung = result.failures[0]
+    assert hung.message.startswith("hung: no output or heartbeat for ")
+    assert result.root_cause is hung
+    assert result.terminated == {1, 2}
+    assert [e.rank for e in group.history if e.kind == "hang"] == [0]
+    if 0 in result.stacks:  # py-spy (or faulthandler) could read it
+        assert result.stacks[0].exists()
+    with pytest.raises(corral.ConfigError, match="hang_timeout"):
+        corral.spawn(python("pass"), nprocs=1, hang_timeout=0)

@@ -257,3 +257,26 @@ async def test_the_keyword_chooses_the_walk() -> None:
         assert isinstance(group._attempt._contain, _contain.WalkContainment)
         result = await group.wait()
     assert result.ok
+
+
+async def test_an_orphan_dying_in_the_namespace_ends_nothing(tmp_path: Path) -> None:
+    """Regression: rank 0 exits leaving a child, which exits later (re-parented to the
+    namespace's init, a zombie there). The init must live on: rank 1, still running,
+    finishes on its own with 0 (a shell init's `read` was interrupted by that SIGCHLD,
+    the init exited and the kernel SIGKILLed rank 1)."""
+    for name in ("child-go", "rank1-go"):
+        os.mkfifo(tmp_path / name)
+    child = f"open({str(tmp_path / 'child-go')!r}).read()"
+    code = (
+        "import os, subprocess, sys\n"
+        "if os.environ['RANK'] == '0':\n"
+        f"    subprocess.Popen([sys.executable, '-c', {child!r}]); sys.exit(0)\n"
+        f"open({str(tmp_path / 'rank1-go')!r}).read()\n"
+    )
+    async with asyncio.timeout(30):
+        async with corral.spawn(python(code), nprocs=2, log_dir=tmp_path / "logs", grace=5) as g:
+            await wait_exit(g.pids[0])  # rank 0 is gone; its child lives on
+            await asyncio.to_thread((tmp_path / "child-go").write_text, "go")  # it exits now
+            await asyncio.to_thread((tmp_path / "rank1-go").write_text, "go")
+            result = await g.wait()
+    assert result.exit_codes == {0: 0, 1: 0}, result.describe()

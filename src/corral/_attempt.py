@@ -11,6 +11,7 @@ finishes and every caller gets the same ``Result``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import errno
 import logging
@@ -21,7 +22,7 @@ import warnings
 from typing import IO, TYPE_CHECKING, Final
 
 from . import _contain, _platform, _stacks
-from ._config import GroupPlan, RankPlan, _grace
+from ._config import HEARTBEAT_FILE, GroupPlan, RankPlan, _grace
 from ._errors import ConfigError, CorralError
 from ._events import EventLog
 from ._lines import LineFeed, LineHub
@@ -64,6 +65,7 @@ class _Rank:
         "after_close",
         "exec_failed",
         "exit_time",
+        "hung",
         "pid",
         "plan",
         "pumps",
@@ -78,6 +80,8 @@ class _Rank:
         self.exit_time: float | None = None
         self.after_close = False
         self.exec_failed: ExecFailed | None = None
+        #: Why it was failed as hung (``hang_timeout``), if it was.
+        self.hung: str | None = None
         self.pumps: list[Pump] = []
         #: The rank is kept a zombie after its exit until the group closes,
         #: so its pid (= its session and process-group id) stays reserved.
@@ -105,6 +109,7 @@ class _Rank:
             exec_failed=None if failed is None else (failed.exitcode, failed.message),
             result_file=self.plan.result_file,
             log_errors=tuple(p.error for p in self.pumps if p.error),
+            hung=self.hung,
         )
 
 
@@ -146,6 +151,7 @@ class Attempt:
         #: close closes the group (no restart can follow): then it says ``closed``.
         self.events = EventLog()
         self.last = True
+        self._hang_tasks: set[asyncio.Task[None]] = set()
         #: Where the piped streams' lines go (the group's subscribers).
         self.lines = LineHub()
         self.nprocs: int = plan.nprocs
@@ -436,6 +442,10 @@ class Attempt:
             raise
         if self._live == 0:
             settled.set()
+        elif plan.hang_timeout is not None:
+            for r in self._ranks:
+                if r.alive:
+                    loop.call_later(plan.hang_timeout, self._check_hang, r)
 
     def _adopt_pumps(self, started: Iterable[asyncio.Future[Pump]]) -> None:
         """Give every pump that started to its rank (closing drains and closes it)."""
@@ -457,6 +467,42 @@ class Attempt:
             self._settled.set()
         self._exits_changed.set()
         self.events.emit("exit", rank=r.plan.rank, pid=r.pid, exitcode=returncode, failed=failed)
+
+    # -- hangs (hang_timeout) ----------------------------------------------------
+    def _check_hang(self, r: _Rank) -> None:
+        """A rank's deadline: re-armed from its last progress, or the rank is hung.
+
+        Progress is a write to its log files (its own, or the pumps') or a
+        touch of its heartbeat file: their modification times, read only at
+        each deadline (a timer per rank, no polling).
+        """
+        timeout = self._plan.hang_timeout
+        loop = self._loop
+        if timeout is None or loop is None or not r.alive or self._state >= _State.CLOSING:
+            return
+        last = self._started_at
+        for path in (r.plan.logs.stdout, r.plan.logs.stderr, r.plan.dir / HEARTBEAT_FILE):
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    last = max(last, os.stat(path).st_mtime)
+        idle = time.time() - last
+        if idle < timeout:
+            loop.call_later(timeout - idle, self._check_hang, r)
+            return
+        self._hang_tasks.add(loop.create_task(self._on_hang(r, idle)))
+
+    async def _on_hang(self, r: _Rank, idle: float) -> None:
+        """Dump the hung rank's stacks (before anything signals it), then fail it."""
+        r.hung = f"hung: no output or heartbeat for {idle:.1f} s (hang_timeout)"
+        self.events.emit("hang", rank=r.plan.rank, pid=r.pid, detail={"idle": idle})
+        _log.warning("corral: rank %d %s", r.plan.rank, r.hung)
+        try:
+            await self.dump_stacks([r.plan.rank])
+        except Exception:
+            _log.exception("corral: could not dump the hung rank's stacks")
+        r.exit_time = time.time()
+        assert self._settled is not None
+        self._settled.set()
 
     # -- closing ----------------------------------------------------------------
     async def _close_shielded(self, grace: float | None, *, hurry_on_cancel: bool) -> Result:

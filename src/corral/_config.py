@@ -56,6 +56,8 @@ _PREFIX_FIELDS: Final = frozenset({"rank", "stream"})
 #: mistyped count (10**6) would first create that many log folders. 4096 is
 #: more than any single machine has cores; raise it here if yours is larger.
 MAX_NPROCS: Final = 4096
+#: In each rank folder: the file a rank touches to say it makes progress (``hang_timeout``).
+HEARTBEAT_FILE: Final = "heartbeat"
 #: In ``log_dir``, replaced by the first run number (1, 2, 3...) whose folder is new.
 RUN_FIELD: Final = "{run}"
 #: Linux: the longest single argument or ``KEY=VALUE`` that ``execve`` takes
@@ -115,6 +117,8 @@ class GroupPlan:
     restart_backoff_max: float = 30.0
     #: This node's part in a multi-node group (``None``: one machine).
     rendezvous: Rendezvous | None = None
+    #: Fail a rank that shows no progress for this long (``None``: never).
+    hang_timeout: float | None = None
 
 
 class SpawnOptions(TypedDict, total=False):
@@ -164,6 +168,9 @@ class SpawnOptions(TypedDict, total=False):
     #: Run as one node of a multi-node group on torch's rendezvous (README,
     #: "Several machines"); ranks get global ``RANK``/``WORLD_SIZE``.
     rendezvous: Rendezvous | None
+    #: Seconds a rank may go without progress (output to its log files, or a
+    #: touch of ``$CORRAL_HEARTBEAT_FILE``) before it is dumped and failed as hung.
+    hang_timeout: float | None
 
 
 _OPTIONS: Final = frozenset(SpawnOptions.__annotations__)
@@ -206,6 +213,11 @@ def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
         raise ConfigError(
             f"rendezvous must be a corral.Rendezvous, not {type(rendezvous).__name__}"
         )
+    hang_timeout = options.get("hang_timeout")
+    if hang_timeout is not None:
+        hang_timeout = _seconds(hang_timeout, "hang_timeout")
+        if hang_timeout <= 0:
+            raise ConfigError(f"hang_timeout must be > 0 seconds (or None), not {hang_timeout!r}")
     max_restarts = _count(options.get("max_restarts", 0), "max_restarts")
     backoff = _seconds(options.get("restart_backoff", 1.0), "restart_backoff")
     backoff_max = _seconds(options.get("restart_backoff_max", 30.0), "restart_backoff_max")
@@ -268,6 +280,7 @@ def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
                 CORRAL_NPROCS=str(n),
                 CORRAL_ERROR_FILE=str(logs.error_file),
                 TORCHELASTIC_ERROR_FILE=str(logs.error_file),
+                CORRAL_HEARTBEAT_FILE=str(rank_dir / HEARTBEAT_FILE),
             )
             child_env.update(common_env)
             child_env.update(per_rank_env.get(rank, {}))
@@ -315,6 +328,7 @@ def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
         restart_backoff=backoff,
         restart_backoff_max=max(backoff, backoff_max),
         rendezvous=rendezvous,
+        hang_timeout=hang_timeout,
     )
 
 
@@ -360,6 +374,7 @@ def next_attempt(plan: GroupPlan, attempt: int) -> GroupPlan:
         env.update(
             CORRAL_ERROR_FILE=str(logs.error_file),
             TORCHELASTIC_ERROR_FILE=str(logs.error_file),
+            CORRAL_HEARTBEAT_FILE=str(rank_dir / HEARTBEAT_FILE),
             TORCHELASTIC_RESTART_COUNT=str(attempt),
         )
         argv, result_file = rp.argv, rp.result_file

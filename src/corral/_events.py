@@ -29,7 +29,8 @@ class Event:
     Attributes:
         kind: ``"start"`` (a rank started: ``rank``, ``pid``), ``"exit"`` (a
             rank exited: ``rank``, ``pid``, ``exitcode``, ``failed``),
-            ``"closing"`` (corral began closing the attempt), ``"restart"``
+            ``"closing"`` (corral began closing the attempt), ``"hang"`` (a
+            rank showed no progress for ``hang_timeout``: ``detail["idle"]``), ``"restart"``
             (attempt ``attempt`` begins after a failure), ``"rendezvous"``
             (this node joined a round: ``detail`` has ``node``, ``nnodes``,
             ``world_size``), ``"closed"`` (the group is closed: the last event).

@@ -56,6 +56,8 @@ def _probe_pidfd() -> bool:
 #: ``pidfd_open(2)`` works: process exits wake the event loop through a pidfd
 #: registered with ``add_reader``: no thread, no SIGCHLD handler.
 HAS_PIDFD: bool = _probe_pidfd()
+#: ``cat``, the init of a group's PID namespace (see ``_pidns.INIT``); "" without one.
+CAT: Final = next((p for p in ("/bin/cat", "/usr/bin/cat") if os.access(p, os.X_OK)), "")
 #: ``waitid(P_PIDFD)``: reap exactly the process a pidfd pins (Python 3.9+, Linux 5.4+).
 HAS_P_PIDFD: Final = HAS_PIDFD and hasattr(os, "P_PIDFD") and hasattr(os, "waitid")
 
@@ -345,7 +347,7 @@ def pid_namespaces() -> bool:
 
 def _probe_pidns() -> bool:
     global _SETNS_PIDFD
-    if not (HAS_PIDFD and os.access("/bin/sh", os.X_OK)):
+    if not (HAS_PIDFD and CAT):
         return False
     own = os.pidfd_open(os.getpid())
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final
 
 from ._callable import load_result
@@ -485,6 +485,7 @@ class RankOutcome:
     exec_failed: tuple[int, str] | None
     result_file: Path | None
     log_errors: tuple[str, ...]
+    hung: str | None = None
 
 
 def assemble(
@@ -519,7 +520,9 @@ def assemble(
         code_ = o.returncode
         assert code_ is not None
         exit_codes[o.rank] = code_
-        if o.after_close:
+        if o.hung is not None:  # failed by corral as hung: the cause, not a victim
+            failures[o.rank] = replace(failure_of(o, code_, o.hung), timestamp=o.exit_time or 0.0)
+        elif o.after_close:
             terminated.add(o.rank)
         elif code_ != 0:
             failures[o.rank] = failure_of(o, code_)
