@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from typing import TYPE_CHECKING
 
@@ -199,10 +200,15 @@ async def test_a_slow_line_consumer_is_told_what_it_missed(tmp_path: Path) -> No
             await asyncio.to_thread(go.write_text, "go")
             got = [await first]
             assert await asyncio.to_thread(printed.read_text) == "printed"
-            got += [await anext(lines) for _ in range(10)]  # all it kept: maxsize lines
+            # It kept at most maxsize lines, at least maxsize - 1 (one went to `first`):
+            # read 9 to make room, then let the rank print its last line.
+            got += [await anext(lines) for _ in range(9)]
             await asyncio.to_thread(last.write_text, "go")
-            after = await anext(lines)
+            while (line := await anext(lines)).data != b"last\n":
+                got.append(line)
+            after = line
             assert await g.wait()
+    assert 9 <= len(got) - 1 <= 10
     numbers = [int(x.data) for x in got]
     assert numbers[0] == 0
     assert numbers == sorted(numbers)
@@ -244,3 +250,62 @@ async def test_a_silent_rank_is_failed_as_hung(tmp_path: Path) -> None:
         assert result.stacks[0].exists()
     with pytest.raises(corral.ConfigError, match="hang_timeout"):
         corral.spawn(python("pass"), nprocs=1, hang_timeout=0)
+
+
+async def test_ready_waits_for_each_ranks_line(tmp_path: Path) -> None:
+    """ready_line: ready() returns once every rank printed it; a signal sent then reaches
+    the rank's handler (the README's use); a "ready" event per rank."""
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    code = (
+        "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGUSR1, lambda *_: (print('got usr1', flush=True), sys.exit(0)))\n"
+        "if os.environ['RANK'] == '1':\n"
+        f"    open({str(fifo)!r}).read()\n"
+        "print('listening on 1234', flush=True)\n"
+        "while True:\n"
+        "    time.sleep(1)\n"
+    )
+    async with asyncio.timeout(30):
+        async with corral.spawn(
+            python(code), nprocs=2, log_dir=tmp_path / "l", ready_line="listening on"
+        ) as group:
+            await group.ready([0])
+            assert not any(e.kind == "ready" and e.rank == 1 for e in group.history)
+            await asyncio.to_thread(fifo.write_text, "go")
+            await group.ready()
+            group.send_signal(signal.SIGUSR1)
+            result = await group.wait()
+    assert result.ok, result.describe()
+    assert (tmp_path / "l" / "1" / "stdout.log").read_text().endswith("got usr1\n")
+    assert sorted(e.rank or 0 for e in group.history if e.kind == "ready") == [0, 1]
+
+
+async def test_a_rank_not_ready_in_time_is_failed(tmp_path: Path) -> None:
+    """fail_after: the silent rank is failed as not ready (the root cause), the group closes."""
+    code = (
+        "import os, time\nif os.environ['RANK'] == '0': print('READY', flush=True)\ntime.sleep(600)"
+    )
+    async with asyncio.timeout(30):
+        async with corral.spawn(
+            python(code), nprocs=2, log_dir=tmp_path, ready_line="READY", grace=5
+        ) as group:
+            with pytest.raises(TimeoutError, match=r"\[1\] not ready within 0.5 s"):
+                await group.ready(fail_after=0.5)
+            result = await group.wait()
+    assert set(result.failures) == {1}
+    assert result.failures[1].message.startswith("not ready within 0.5 s")
+    assert result.root_cause is result.failures[1]
+    assert result.terminated == {0}
+    with pytest.raises(corral.ConfigError, match="ready_line"):
+        corral.spawn(python("pass"), nprocs=1, ready_line="two\nlines")
+
+
+async def test_ready_of_a_rank_that_exits_first(tmp_path: Path) -> None:
+    """A rank that ends before its ready line: ready() says so at once."""
+    async with asyncio.timeout(30):
+        async with corral.spawn(
+            python("import sys; sys.exit(2)"), nprocs=1, log_dir=tmp_path, ready_line="up"
+        ) as group:
+            with pytest.raises(corral.CorralError, match="ended before printing"):
+                await group.ready()

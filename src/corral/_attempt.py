@@ -14,12 +14,13 @@ import asyncio
 import contextlib
 import enum
 import errno
+import functools
 import logging
 import os
 import signal
 import time
 import warnings
-from typing import IO, TYPE_CHECKING, Final
+from typing import IO, TYPE_CHECKING, Any, Final
 
 from . import _contain, _platform, _stacks
 from ._config import HEARTBEAT_FILE, GroupPlan, RankPlan, _grace
@@ -152,6 +153,8 @@ class Attempt:
         self.events = EventLog()
         self.last = True
         self._hang_tasks: set[asyncio.Task[None]] = set()
+        #: rank -> resolved when the rank printed ``ready_line`` (started ranks only).
+        self._ready: dict[int, asyncio.Future[None]] = {}
         #: Where the piped streams' lines go (the group's subscribers).
         self.lines = LineHub()
         self.nprocs: int = plan.nprocs
@@ -392,6 +395,7 @@ class Attempt:
                     continue
                 popen = outcome.popen
                 r.pid = popen.pid
+                self._ready[rp.rank] = loop.create_future()
                 self.events.emit("start", rank=rp.rank, pid=popen.pid)
                 contain.started(popen.pid)
                 self._live += 1
@@ -409,7 +413,10 @@ class Attempt:
                         assert console is not None
                         stream = console.stdout if flag is Std.OUT else console.stderr
                         prefix = console.render_prefix(plan.prefix, rp.rank, name)
-                    feed = LineFeed(self.lines, rp.rank, name)
+                    marker = plan.ready_line if flag is Std.OUT else None
+                    feed = LineFeed(
+                        self.lines, rp.rank, name, marker, functools.partial(self._on_ready, r)
+                    )
                     pending.append(
                         asyncio.ensure_future(
                             open_pump(rp.rank, name, pipe, path, stream, prefix, feed)
@@ -467,6 +474,59 @@ class Attempt:
             self._settled.set()
         self._exits_changed.set()
         self.events.emit("exit", rank=r.plan.rank, pid=r.pid, exitcode=returncode, failed=failed)
+
+    # -- readiness (ready_line) ----------------------------------------------------
+    def _on_ready(self, r: _Rank) -> None:
+        fut = self._ready.get(r.plan.rank)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+            self.events.emit("ready", rank=r.plan.rank, pid=r.pid)
+
+    async def ready(self, ranks: Collection[int] | None, fail_after: float | None) -> None:
+        """Wait until every rank in ``ranks`` printed the ready line (see ``Group.ready``)."""
+        self._require_started("ready")
+        line = self._plan.ready_line
+        if line is None:
+            raise ConfigError("ready() needs spawn(..., ready_line=...): the text ranks print")
+        wanted = sorted(range(self.nprocs) if ranks is None else set(ranks))
+        bad = [r for r in wanted if not isinstance(r, int) or not 0 <= r < self.nprocs]
+        if bad:
+            raise ConfigError(f"ready: no such rank(s) {bad}; ranks are 0..{self.nprocs - 1}")
+        loop = asyncio.get_running_loop()
+        deadline = None if fail_after is None else loop.time() + _grace(fail_after)
+        assert self._exits_changed is not None
+        while True:
+            pending = [r for r in wanted if r not in self._ready or not self._ready[r].done()]
+            if not pending:
+                return
+            gone = [r for r in pending if not self._ranks[r].alive]
+            if gone:
+                raise CorralError(
+                    f"rank(s) {gone} ended before printing the ready line {line.decode()!r}"
+                )
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                message = f"not ready within {fail_after} s (no {line.decode()!r} on its stdout)"
+                self._fail(pending, message, "unready")
+                raise TimeoutError(f"rank(s) {pending} {message}: the group is closing")
+            self._exits_changed.clear()
+            exits = asyncio.ensure_future(self._exits_changed.wait())
+            waiters: list[asyncio.Future[Any]] = [*(self._ready[r] for r in pending), exits]
+            try:
+                await asyncio.wait(waiters, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                exits.cancel()
+
+    def _fail(self, ranks: Iterable[int], message: str, kind: str) -> None:
+        """Fail live ``ranks`` by corral's verdict (hung, not ready): the group then closes."""
+        for rank in ranks:
+            r = self._ranks[rank]
+            if r.alive and r.hung is None:
+                r.hung = message
+                r.exit_time = time.time()
+                self.events.emit(kind, rank=rank, pid=r.pid, detail={"message": message})
+        assert self._settled is not None
+        self._settled.set()
 
     # -- hangs (hang_timeout) ----------------------------------------------------
     def _check_hang(self, r: _Rank) -> None:

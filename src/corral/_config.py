@@ -119,6 +119,8 @@ class GroupPlan:
     rendezvous: Rendezvous | None = None
     #: Fail a rank that shows no progress for this long (``None``: never).
     hang_timeout: float | None = None
+    #: The text a rank prints on a stdout line to say it is ready (``group.ready()``).
+    ready_line: bytes | None = None
 
 
 class SpawnOptions(TypedDict, total=False):
@@ -171,6 +173,9 @@ class SpawnOptions(TypedDict, total=False):
     #: Seconds a rank may go without progress (output to its log files, or a
     #: touch of ``$CORRAL_HEARTBEAT_FILE``) before it is dumped and failed as hung.
     hang_timeout: float | None
+    #: Text that, found in a line of a rank's stdout, says the rank is ready
+    #: (``await group.ready()``); stdout is then read through corral (and logged).
+    ready_line: str | None
 
 
 _OPTIONS: Final = frozenset(SpawnOptions.__annotations__)
@@ -229,6 +234,11 @@ def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
     redirect_map = _std_map(redirects, n, "redirects")
     tee_map = _std_map(tee, n, "tee")
     watch_map = _std_map(watch, n, "watch")
+    ready_line = options.get("ready_line")
+    if ready_line is not None:
+        if not isinstance(ready_line, str) or not ready_line or "\n" in ready_line:
+            raise ConfigError(f"ready_line must be a non-empty one-line str, not {ready_line!r}")
+        watch_map = {r: s | Std.OUT for r, s in watch_map.items()}
     console_ranks = _tee_ranks(tee_ranks, n)
     _check_prefix(prefix)
     grace = _grace(grace)
@@ -329,6 +339,7 @@ def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
         restart_backoff_max=max(backoff, backoff_max),
         rendezvous=rendezvous,
         hang_timeout=hang_timeout,
+        ready_line=None if ready_line is None else ready_line.encode(),
     )
 
 

@@ -186,6 +186,25 @@ class Group:
             raise ConfigError(f"lines: maxsize must be a whole number >= 1, not {maxsize!r}")
         return self._lines.subscribe(ranks, names, maxsize)
 
+    async def ready(
+        self, ranks: Collection[int] | None = None, *, fail_after: float | None = None
+    ) -> None:
+        """Wait until each rank (default: all) printed ``ready_line`` on its stdout.
+
+        Args:
+            ranks: the ranks to wait for (default: all).
+            fail_after: seconds after which the ranks not yet ready are failed
+                (unlike a cancel scope around the call, which only stops waiting).
+
+        Raises:
+            ConfigError: the group has no ``ready_line``, or a bad rank.
+            CorralError: a rank ended before it said it was ready.
+            TimeoutError: ``fail_after`` passed first: the ranks not ready are
+                failed ("not ready within ...", the root cause) and the group
+                closes (``wait()`` gives its Result).
+        """
+        await self._attempt.ready(ranks, fail_after)
+
     def stats(self) -> dict[int, RankStats]:
         """Each live rank's whole process tree now: CPU, memory, threads, processes.
 

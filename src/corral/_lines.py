@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Collection
+    from collections.abc import AsyncIterator, Callable, Collection
 
 __all__ = ("Line", "LineFeed", "LineHub")
 
@@ -113,15 +113,35 @@ class _Sub:
 class LineFeed:
     """One piped stream of one rank: chunks in, lines out to the hub."""
 
-    __slots__ = ("_hub", "_partial", "_rank", "_stream")
+    __slots__ = ("_hub", "_marker", "_on_ready", "_partial", "_rank", "_seen", "_stream")
 
-    def __init__(self, hub: LineHub, rank: int, stream: str) -> None:
+    def __init__(
+        self,
+        hub: LineHub,
+        rank: int,
+        stream: str,
+        marker: bytes | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
         self._hub = hub
         self._rank = rank
         self._stream = stream
         self._partial = b""
+        #: The readiness text, until it is seen (then ``None``): ``on_ready`` is called once.
+        self._marker = marker
+        self._on_ready = on_ready
+        self._seen = b""  # the tail of the last chunk, for a marker cut in two
 
     def feed(self, data: bytes) -> None:
+        marker = self._marker
+        if marker is not None:
+            window = self._seen + data
+            if marker in window:
+                self._marker = None
+                if self._on_ready is not None:
+                    self._on_ready()
+            else:
+                self._seen = window[-(len(marker) - 1) :] if len(marker) > 1 else b""
         hub = self._hub
         if not hub.listening:
             self._partial = b""
