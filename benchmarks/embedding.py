@@ -9,6 +9,8 @@ Usage::
   ``os._exit(0)``; the latency is the ``exit`` event's time minus that (the
   kernel's process teardown included). Target: median <= 1 ms.
 * stats: ``group.stats()`` for 256 sleeping ranks. Target: <= 20 ms per call.
+* hang: a rank prints once then sleeps, ``hang_timeout=1``: its ``stacks.txt``
+  written, minus its last output + 1 s. Target: <= 2 s.
 """
 
 from __future__ import annotations
@@ -52,6 +54,27 @@ async def stats_cost(ranks: int, calls: int) -> list[float]:
     return costs
 
 
+HUNG = "import time; print('working', flush=True); time.sleep(600)"
+
+
+async def hang_dump(runs: int, hang_after: float = 1.0) -> list[float]:
+    """A rank goes silent: its stacks.txt written, minus (its last output + hang_timeout)."""
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(runs):
+            folder = Path(tmp) / f"h{k}"
+            cmd = [sys.executable, "-c", HUNG]
+            async with corral.spawn(
+                cmd, nprocs=1, log_dir=folder, redirects="out", hang_timeout=hang_after, grace=1
+            ) as group:
+                await group.wait()
+            last_output = (folder / "0" / "stdout.log").stat().st_mtime
+            stacks = folder / "0" / "stacks.txt"
+            if stacks.exists():
+                out.append((stacks.stat().st_mtime - (last_output + hang_after)) * 1000)
+    return out
+
+
 def show(label: str, values: list[float], target: str) -> None:
     med = statistics.median(values)
     print(f"{label:40} {med:8.2f} ms  [{min(values):.2f}-{max(values):.2f}]  target {target}")
@@ -65,6 +88,11 @@ async def main() -> None:
     args = ap.parse_args()
     show("exit -> exit event (median)", await event_latency(args.exits), "<= 1 ms")
     show(f"group.stats(), {args.ranks} ranks", await stats_cost(args.ranks, args.calls), "<= 20 ms")
+    dumps = await hang_dump(5)
+    if dumps:
+        show("hang deadline -> stacks dumped", dumps, "<= 2000 ms")
+    else:
+        print("hang deadline -> stacks dumped: no dump (py-spy not installed?)")
 
 
 if __name__ == "__main__":
