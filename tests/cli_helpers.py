@@ -30,11 +30,11 @@ def corral_env(**extra: str) -> dict[str, str]:
 
 
 def corral(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30, command: str = "run"
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m corral run ARGS`` to completion and capture its output."""
+    """Run ``python -m corral COMMAND ARGS`` to completion and capture its output."""
     return subprocess.run(
-        [PY, "-m", "corral", "run", *args],
+        [PY, "-m", "corral", command, *args],
         capture_output=True,
         text=True,
         env=env if env is not None else corral_env(),
@@ -96,30 +96,8 @@ def run_on_pty(args: Sequence[str], env: dict[str, str], command: str = "run") -
 
     Returns the exit status and every byte the terminal showed.
     """
-    master, slave = pty.openpty()
-    try:
-        proc = subprocess.Popen(
-            [PY, "-m", "corral", command, *args],
-            stdin=subprocess.DEVNULL,
-            stdout=slave,
-            stderr=slave,
-            env=env,
-        )
-    finally:
-        os.close(slave)
-    chunks: list[bytes] = []
-    try:
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: every writer of the terminal is gone
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(master)
-    return proc.wait(20), b"".join(chunks)
+    term = OnPty(command, args, env)
+    return term.finish(), term.seen
 
 
 class OnPty:

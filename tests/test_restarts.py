@@ -21,6 +21,7 @@ from corral import ConfigError
 
 from .children import callable_fns as fns
 from .cli_helpers import PY, corral_env
+from .cli_helpers import corral as corral_cli
 from .conftest import python
 
 if TYPE_CHECKING:
@@ -175,20 +176,11 @@ def test_cli_max_restarts(tmp_path: Path, sub: str) -> None:
     script = tmp_path / "flaky.py"
     script.write_text(FAILS_ONCE.replace("; ", "\n"))
     if sub == "run":
-        args = ["run", "-n", "2", "--max-restarts", "1", "--restart-backoff", "0", "--"]
+        args = ["-n", "2", "--max-restarts", "1", "--restart-backoff", "0", "--"]
         args += [PY, str(script), str(tmp_path)]
     else:
-        args = ["torchrun", "--nproc-per-node", "2", "--max-restarts", "1"]
-        args += [str(script), str(tmp_path)]
-    res = subprocess.run(
-        [PY, "-m", "corral", *args],
-        capture_output=True,
-        text=True,
-        env=corral_env(),
-        stdin=subprocess.DEVNULL,
-        timeout=60,
-        check=False,
-    )
+        args = ["--nproc-per-node", "2", "--max-restarts", "1", str(script), str(tmp_path)]
+    res = corral_cli(*args, command=sub, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "corral: attempt 0 failed (rank 1: exited with code 3); restart 1 of 1" in res.stderr
     assert "[0]: attempt 1 of 1\n" in res.stdout
@@ -196,15 +188,7 @@ def test_cli_max_restarts(tmp_path: Path, sub: str) -> None:
 
 def test_cli_restarts_exhausted_exit_with_the_last_failure(tmp_path: Path) -> None:
     """Every attempt fails: the summary names the last attempt and the earlier ones."""
-    res = subprocess.run(
-        [*CLI, "--max-restarts", "1", "--restart-backoff", "0", "--", *python("exit(9)")],
-        capture_output=True,
-        text=True,
-        env=corral_env(),
-        stdin=subprocess.DEVNULL,
-        timeout=60,
-        check=False,
-    )
+    res = corral_cli("--max-restarts", "1", "--restart-backoff", "0", "--", *python("exit(9)"))
     assert res.returncode == 9, res.stderr
     assert "attempt 1 (after 1 restart(s)); earlier:" in res.stderr
     assert "attempt 0: rank 0 exited with code 9" in res.stderr

@@ -234,25 +234,7 @@ class Attempt:
         return self._poll_result
 
     async def close(self, grace: float | None = None, *, sig: int = signal.SIGTERM) -> Result:
-        """End every rank and descendant and return the final :class:`Result`.
-
-        ``sig`` (SIGTERM by default) goes to every live rank's process group
-        and to descendants that left it; after ``grace`` seconds SIGKILL ends
-        what remains; every rank is reaped, the pumps are drained, the files
-        closed. Idempotent and safe to call concurrently: every caller gets the
-        same Result. A call with a shorter ``grace`` than a close already
-        running shortens it.
-
-        Args:
-            grace: seconds between the first signal and SIGKILL (default: the group's).
-            sig: the first signal, e.g. ``signal.SIGINT`` so that Python ranks
-                get ``KeyboardInterrupt`` as under torchrun. Only the close
-                that starts the closing chooses it.
-
-        Cancellation:
-            A cancelled ``close`` skips the rest of the grace period, SIGKILLs,
-            finishes the clean-up, then raises ``CancelledError``.
-        """
+        """End this attempt's ranks and descendants; the semantics of ``Group.close``."""
         if self._state is _State.NEW:
             raise CorralError("close() on a group that never started: use 'async with spawn(...)'")
         if self._closer is None:

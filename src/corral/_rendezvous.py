@@ -565,6 +565,17 @@ def _node_lost(node: int) -> dict[str, object]:
 
 def stopped(node: int | None) -> Failure:
     """Why this node's ranks were closed: another node was stopped (a signal, its user)."""
+    return _node_failure("it was stopped (a signal to its corral, or its program closed it)", node)
+
+
+def _lost(exc: BaseException) -> WorldEnd:
+    """The round's store became unreachable: the node hosting it is gone."""
+    failure = _node_failure(f"lost the rendezvous store (the node hosting it ended?): {exc}")
+    return WorldEnd("failed", failure)
+
+
+def _node_failure(message: str, node: int | None = None) -> Failure:
+    """A failure of a node as a whole (no rank of it is known to have failed)."""
     return Failure(
         rank=-1,
         pid=None,
@@ -573,21 +584,6 @@ def stopped(node: int | None) -> Failure:
         timestamp=time.time(),
         error_file=None,
         error=None,
-        message="it was stopped (a signal to its corral, or its program closed it)",
+        message=message,
         node=node,
     )
-
-
-def _lost(exc: BaseException) -> WorldEnd:
-    """The round's store became unreachable: the node hosting it is gone."""
-    failure = Failure(
-        rank=-1,
-        pid=None,
-        exitcode=1,
-        signal=None,
-        timestamp=time.time(),
-        error_file=None,
-        error=None,
-        message=f"lost the rendezvous store (the node hosting it ended?): {exc}",
-    )
-    return WorldEnd("failed", failure)
