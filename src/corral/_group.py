@@ -18,6 +18,7 @@ import signal
 from dataclasses import replace
 from typing import TYPE_CHECKING, Unpack
 
+from . import _bridge
 from ._attempt import Attempt
 from ._config import (
     Entrypoint,
@@ -114,6 +115,8 @@ class Group:
         return None if self._node is None else self._node.world
 
     async def __aenter__(self) -> Group:
+        if _bridge.backend() == "trio":  # the asyncio core, on its own loop
+            return await _bridge.run_on_core(self.__aenter__())
         node = self._node
         if node is not None:
             self._joining = True
@@ -154,7 +157,7 @@ class Group:
         (events are kept, a few per rank and attempt); one that starts late
         gets the earlier events first.
         """
-        return self._events.follow()
+        return _bridge.bridged(self._events.follow())
 
     def lines(
         self,
@@ -184,7 +187,7 @@ class Group:
                 raise ConfigError(f"lines: no such rank(s) {bad}; ranks are 0..{self.nprocs - 1}")
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
             raise ConfigError(f"lines: maxsize must be a whole number >= 1, not {maxsize!r}")
-        return self._lines.subscribe(ranks, names, maxsize)
+        return _bridge.bridged(self._lines.subscribe(ranks, names, maxsize))
 
     async def ready(
         self, ranks: Collection[int] | None = None, *, fail_after: float | None = None
@@ -203,6 +206,8 @@ class Group:
                 failed ("not ready within ...", the root cause) and the group
                 closes (``wait()`` gives its Result).
         """
+        if _bridge.backend() == "trio":  # the asyncio core, on its own loop
+            return await _bridge.run_on_core(self.ready(ranks, fail_after=fail_after))
         await self._attempt.ready(ranks, fail_after)
 
     def stats(self) -> dict[int, RankStats]:
@@ -226,6 +231,8 @@ class Group:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if _bridge.backend() == "trio":  # the asyncio core, on its own loop
+            return await _bridge.run_on_core(self.__aexit__(exc_type, exc, tb), shield=True)
         if self._driver is None:
             await self._attempt.__aexit__(exc_type, exc, tb)
             return
@@ -246,6 +253,8 @@ class Group:
             keeps running. Cancelled while closing (after a failure), the
             close still finishes before ``CancelledError`` propagates.
         """
+        if _bridge.backend() == "trio":  # the asyncio core, on its own loop
+            return await _bridge.run_on_core(self.wait())
         if self._driver is None:
             return await self._attempt.wait()
         return await asyncio.shield(self._driver)
@@ -279,6 +288,8 @@ class Group:
             A cancelled ``close`` skips the rest of the grace period, SIGKILLs,
             finishes the clean-up, then raises ``CancelledError``.
         """
+        if _bridge.backend() == "trio":  # the asyncio core, on its own loop
+            return await _bridge.run_on_core(self.close(grace, sig=sig))
         driver = self._driver
         if driver is None:
             return await self._attempt.close(grace, sig=sig)
@@ -314,6 +325,8 @@ class Group:
         Returns:
             rank -> dump text, for the ranks that gave one.
         """
+        if _bridge.backend() == "trio":  # the asyncio core, on its own loop
+            return await _bridge.run_on_core(self.dump_stacks(ranks, limit=limit))
         if limit is None:
             return await self._attempt.dump_stacks(ranks)
         return await self._attempt.dump_stacks(ranks, limit=limit)
@@ -561,6 +574,7 @@ def _spawn(
     ``owns_process``: the caller owns this process (the CLI): orphans
     re-parented to it are all corral's (see ``GroupPlan.reap_orphan_leaders``).
     """
+    _bridge.check_library()
     plan = build_plan(entrypoint, options)
     if owns_process:
         plan = replace(plan, reap_orphan_leaders=True)

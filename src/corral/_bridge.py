@@ -1,0 +1,165 @@
+"""corral under trio: its asyncio core on a private loop thread, awaited from trio.
+
+corral's supervisor is built on asyncio (subprocess transports, pidfd readers,
+``asyncio.shield``). Under trio (``trio.run``, or anyio's trio backend) every
+public coroutine of a group runs on *one* asyncio loop in a daemon thread of
+this process, started at the first use; the trio task awaits its outcome
+through trio's own token (``run_sync_soon``): no thread per call, none per rank.
+
+* Cancellation of the trio caller is forwarded as a cancellation of the
+  asyncio task, so the asyncio-side semantics hold unchanged: a cancelled
+  ``wait`` just stops waiting, a cancelled ``close`` hurries, and leaving
+  ``async with`` closes the group shielded (the trio side waits for that
+  close inside a shielded scope: it always finishes).
+* Anything else than asyncio or trio is a clear ``CorralError`` before
+  anything is created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ._errors import CorralError
+
+if TYPE_CHECKING:
+    import concurrent.futures
+    from collections.abc import AsyncIterator, Coroutine
+
+__all__ = ("backend", "bridged", "check_library", "run_on_core")
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def backend() -> str:
+    """``"asyncio"`` or ``"trio"``: the async library running the calling task.
+
+    Raises:
+        CorralError: called from another async library, or from no event loop.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return "asyncio"
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            pass
+        else:
+            return "trio"
+    name = _sniffed()
+    raise CorralError(
+        f"corral runs under asyncio or trio (directly or through anyio); "
+        f"this task runs under {name or 'no event loop'}"
+    )
+
+
+def _sniffed() -> str | None:
+    try:
+        import sniffio
+
+        found: str = sniffio.current_async_library()
+        return found
+    except Exception:
+        return None
+
+
+def core_loop() -> asyncio.AbstractEventLoop:
+    """The process's corral loop (started at the first call), in a daemon thread."""
+    global _loop
+    with _lock:
+        if _loop is None:
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def serve() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                loop.run_forever()
+
+            threading.Thread(target=serve, name="corral-loop", daemon=True).start()
+            ready.wait()
+            _loop = loop
+        return _loop
+
+
+async def run_on_core(coro: Coroutine[Any, Any, T], *, shield: bool = False) -> T:
+    """Run ``coro`` on the corral loop and await it from the calling trio task.
+
+    ``shield``: the trio caller waits for the end even when cancelled (a
+    close must finish); otherwise a cancelled caller cancels the asyncio task
+    and waits for it to handle that (asyncio-side semantics), then re-raises.
+    """
+    import trio
+
+    loop = core_loop()
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+    future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, loop)
+
+    def wake(_: object) -> None:
+        try:
+            token.run_sync_soon(done.set)
+        except trio.RunFinishedError:  # the trio run is over; nobody waits
+            pass
+
+    future.add_done_callback(wake)
+    try:
+        if shield:
+            with trio.CancelScope(shield=True):
+                await done.wait()
+        else:
+            await done.wait()
+    except trio.Cancelled:
+        future.cancel()  # the asyncio task gets CancelledError and handles it
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        raise
+    return future.result()
+
+
+async def bridged(source: AsyncIterator[T]) -> AsyncIterator[T]:
+    """``source`` (an async iterator living on the corral loop) for any caller.
+
+    Under asyncio it is iterated directly; under trio each step runs on the
+    corral loop. Closing this iterator closes ``source`` where it lives.
+    """
+
+    async def step() -> T:
+        return await anext(source)
+
+    try:
+        while True:
+            try:
+                if backend() == "trio":
+                    item = await run_on_core(step())
+                else:
+                    item = await anext(source)
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            if backend() == "trio":
+                await run_on_core(aclose(), shield=True)
+            else:
+                await aclose()
+
+
+def check_library() -> None:
+    """Refuse, before anything is created, an async library corral cannot run under."""
+    name = _sniffed()
+    if name not in (None, "asyncio", "trio"):
+        raise CorralError(
+            f"corral runs under asyncio or trio (directly or through anyio), not {name}"
+        )
