@@ -1,0 +1,119 @@
+"""The same corral under asyncio and under trio (through anyio, and from plain trio.run).
+
+Each test is a plain function running its body with ``anyio.run`` on both
+backends (pytest-asyncio owns the ``async def`` tests of this suite), so the
+guarantees are checked the same way on each: real ranks, byte-exact logs,
+cancellation that closes, nothing left behind (the autouse fixture).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING
+
+import anyio
+import pytest
+
+import corral
+
+from .conftest import python
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from pathlib import Path
+
+trio = pytest.importorskip("trio")
+
+BACKENDS = ["asyncio", "trio"]
+
+
+def run_on(backend: str, fn: Callable[[], Awaitable[None]]) -> None:
+    anyio.run(fn, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_run_logs_every_byte(backend: str, tmp_path: Path) -> None:
+    """corral.run: exit codes, return of a byte-exact log (no newline at the end)."""
+    code = "import os, sys; sys.stdout.write('x' * 70000 + '\\n' + os.environ['RANK'])"
+
+    async def body() -> None:
+        result = await corral.run(python(code), nprocs=3, redirects="out", log_dir=tmp_path)
+        assert result.ok
+        assert result.exit_codes == {0: 0, 1: 0, 2: 0}
+
+    run_on(backend, body)
+    for r in range(3):
+        assert (tmp_path / str(r) / "stdout.log").read_text() == "x" * 70000 + f"\n{r}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_cancel_scope_closes_the_group(backend: str, tmp_path: Path) -> None:
+    """anyio.move_on_after around the block: the ranks are closed (terminated) before it
+    returns; the close is shielded, so it finishes inside the cancelled scope."""
+    fifo = tmp_path / "ready"
+    os.mkfifo(fifo)
+    code = f"import time; open({str(fifo)!r}, 'w').write('r'); time.sleep(600)"
+    seen: dict[str, object] = {}
+
+    async def body() -> None:
+        group = corral.spawn(python(code), nprocs=1, log_dir=tmp_path / "l", grace=5)
+        with anyio.move_on_after(30) as scope:
+            async with group:
+                assert await anyio.to_thread.run_sync(fifo.read_text) == "r"
+                seen["pids"] = dict(group.pids)
+                scope.cancel()
+                await group.wait()
+        seen["result"] = group.poll()
+
+    run_on(backend, body)
+    result = seen["result"]
+    assert isinstance(result, corral.Result)
+    assert result.terminated == {0}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_failure_events_and_lines(backend: str, tmp_path: Path) -> None:
+    """A failing rank: its root cause; the events and watched lines reach a trio consumer."""
+    code = "import os, sys; print('line', os.environ['RANK'], flush=True); sys.exit(3)"
+
+    async def body() -> None:
+        async with corral.spawn(python(code), nprocs=1, log_dir=tmp_path, watch="out") as g:
+            lines = g.lines()
+            result = await g.wait()
+            got = [line.data async for line in lines]
+            kinds = [e.kind async for e in g.events()]
+        assert result.root_cause is not None
+        assert result.root_cause.exitcode == 3
+        assert kinds[0] == "start"
+        assert kinds[-1] == "closed"
+        assert got in ([b"line 0\n"], [])  # the line may come before the subscription
+
+    run_on(backend, body)
+
+
+def test_plain_trio_run(tmp_path: Path) -> None:
+    """trio.run without anyio: start/close explicitly."""
+
+    async def body() -> None:
+        group = corral.spawn(python("import time; time.sleep(600)"), nprocs=2, log_dir=tmp_path)
+        await group.start()
+        try:
+            assert len(group.pids) == 2
+        finally:
+            result = await group.close(grace=5)
+        assert result.terminated == {0, 1}
+
+    trio.run(body)
+
+
+def test_another_async_library_is_refused_before_anything_is_created(tmp_path: Path) -> None:
+    """Under an async library corral cannot run under: a clear error, no folder."""
+    sniffio = pytest.importorskip("sniffio")
+    token = sniffio.current_async_library_cvar.set("curio")
+    try:
+        with pytest.raises(corral.CorralError, match="not curio"):
+            corral.spawn([sys.executable, "-c", "pass"], nprocs=1, log_dir=tmp_path / "x")
+    finally:
+        sniffio.current_async_library_cvar.reset(token)
+    assert not (tmp_path / "x").exists()
