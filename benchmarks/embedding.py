@@ -75,9 +75,38 @@ async def hang_dump(runs: int, hang_after: float = 1.0) -> list[float]:
     return out
 
 
+TEE = (
+    "import sys; line = b'x' * 99 + b'\\n'; block = line * 10000; w = sys.stdout.buffer.write\n"
+    "for _ in range(67): w(block)\n"
+)
+TEE_MIB = 67 * 10000 * 100 / 2**20
+
+
+async def tee_with_subscriber(runs: int, subscribe: bool) -> list[float]:
+    """MiB/s of a 64 MiB tee (to stdout), with or without one lines() subscriber reading all."""
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(runs):
+            cmd = [sys.executable, "-c", TEE]
+            t0 = time.perf_counter()
+            async with corral.spawn(cmd, nprocs=1, log_dir=Path(tmp) / f"t{k}", tee="out") as g:
+                if subscribe:
+                    count = 0
+                    async for _line in g.lines(maxsize=1_000_000):
+                        count += 1
+                        if count == 670_000:
+                            break
+                await g.wait()
+            out.append(TEE_MIB / (time.perf_counter() - t0))
+    return out
+
+
 def show(label: str, values: list[float], target: str) -> None:
     med = statistics.median(values)
-    print(f"{label:40} {med:8.2f} ms  [{min(values):.2f}-{max(values):.2f}]  target {target}")
+    print(
+        f"{label:40} {med:8.2f} ms  [{min(values):.2f}-{max(values):.2f}]  target {target}",
+        file=sys.stderr,
+    )
 
 
 async def main() -> None:
@@ -88,11 +117,19 @@ async def main() -> None:
     args = ap.parse_args()
     show("exit -> exit event (median)", await event_latency(args.exits), "<= 1 ms")
     show(f"group.stats(), {args.ranks} ranks", await stats_cost(args.ranks, args.calls), "<= 20 ms")
+    if not sys.stdout.isatty():  # the tee goes to stdout: run with > /dev/null
+        plain = await tee_with_subscriber(3, subscribe=False)
+        subscribed = await tee_with_subscriber(3, subscribe=True)
+        print(
+            f"tee 64 MiB: {statistics.median(plain):.0f} MiB/s alone, "
+            f"{statistics.median(subscribed):.0f} MiB/s with a lines() subscriber",
+            file=sys.stderr,
+        )
     dumps = await hang_dump(5)
     if dumps:
         show("hang deadline -> stacks dumped", dumps, "<= 2000 ms")
     else:
-        print("hang deadline -> stacks dumped: no dump (py-spy not installed?)")
+        print("hang deadline -> stacks dumped: no dump (py-spy not installed?)", file=sys.stderr)
 
 
 if __name__ == "__main__":
