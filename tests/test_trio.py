@@ -117,3 +117,40 @@ def test_another_async_library_is_refused_before_anything_is_created(tmp_path: P
     finally:
         sniffio.current_async_library_cvar.reset(token)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_cancelled_close_returns_only_once_every_rank_is_reaped(
+    backend: str, tmp_path: Path
+) -> None:
+    """close(grace=60) on a rank that survives SIGTERM, cancelled mid-grace: the close
+    SIGKILLs and reaps before the cancellation reaches the caller (never earlier)."""
+    fifo = tmp_path / "term"
+    os.mkfifo(fifo)
+    code = (
+        "import signal, time\n"
+        f"def on_term(*_): open({str(fifo)!r}, 'w').write('t')\n"
+        "signal.signal(signal.SIGTERM, on_term)\n"
+        f"open({str(fifo)!r}, 'w').write('r')\n"
+        "while True: time.sleep(600)\n"
+    )
+    pids: dict[int, int] = {}
+
+    async def body() -> None:
+        group = corral.spawn(python(code), nprocs=1, log_dir=tmp_path / "l")
+        await group.start()
+        try:
+            assert await anyio.to_thread.run_sync(fifo.read_text) == "r"
+            pids.update(group.pids)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(group.close, 60)
+                assert await anyio.to_thread.run_sync(fifo.read_text) == "t"
+                tg.cancel_scope.cancel()
+            for pid in pids.values():  # reaped: not even a zombie is left
+                with pytest.raises(ProcessLookupError):
+                    os.kill(pid, 0)
+        finally:
+            await group.close(grace=0)
+
+    run_on(backend, body)
+    assert pids

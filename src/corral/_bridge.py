@@ -18,6 +18,7 @@ through trio's own token (``run_sync_soon``): no thread per call, none per rank.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import sys
 import threading
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -25,7 +26,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ._errors import CorralError
 
 if TYPE_CHECKING:
-    import concurrent.futures
     from collections.abc import AsyncIterator, Coroutine
 
 __all__ = ("backend", "bridged", "check_library", "run_on_core")
@@ -97,22 +97,36 @@ async def run_on_core(coro: Coroutine[Any, Any, T], *, shield: bool = False) -> 
 
     ``shield``: the trio caller waits for the end even when cancelled (a
     close must finish); otherwise a cancelled caller cancels the asyncio task
-    and waits for it to handle that (asyncio-side semantics), then re-raises.
+    and waits until that task has *finished* handling it (asyncio-side
+    semantics: a cancelled close still kills and reaps), then re-raises.
+    The trio task is woken only by the asyncio task's own end, never earlier.
     """
     import trio
 
     loop = core_loop()
     token = trio.lowlevel.current_trio_token()
     done = trio.Event()
-    future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, loop)
+    task: asyncio.Task[T] | None = None
+    outcome: list[asyncio.Task[T]] = []
 
-    def wake(_: object) -> None:
+    def wake(finished: asyncio.Task[T]) -> None:  # on the corral loop
+        outcome.append(finished)
         try:
             token.run_sync_soon(done.set)
         except trio.RunFinishedError:  # the trio run is over; nobody waits
             pass
 
-    future.add_done_callback(wake)
+    def start() -> None:  # on the corral loop
+        nonlocal task
+        # A context of its own: trio's (sniffio says "trio") must not leak into asyncio.
+        task = loop.create_task(coro, context=contextvars.Context())
+        task.add_done_callback(wake)
+
+    def cancel() -> None:  # on the corral loop, always after start()
+        assert task is not None
+        task.cancel()
+
+    loop.call_soon_threadsafe(start)
     try:
         if shield:
             with trio.CancelScope(shield=True):
@@ -120,11 +134,14 @@ async def run_on_core(coro: Coroutine[Any, Any, T], *, shield: bool = False) -> 
         else:
             await done.wait()
     except trio.Cancelled:
-        future.cancel()  # the asyncio task gets CancelledError and handles it
+        loop.call_soon_threadsafe(cancel)
         with trio.CancelScope(shield=True):
             await done.wait()
         raise
-    return future.result()
+    finished = outcome[0]
+    if finished.cancelled():
+        raise CorralError("corral's loop cancelled a call that was not cancelled")
+    return finished.result()
 
 
 async def bridged(source: AsyncIterator[T]) -> AsyncIterator[T]:
