@@ -106,6 +106,16 @@ def test_existing_rank_folder_is_never_overwritten(tmp_path: Path) -> None:
     assert not (tmp_path / "0").exists()
 
 
+def test_an_existing_report_is_never_overwritten(tmp_path: Path) -> None:
+    """A log_dir that already holds a report.json (an earlier run's, or the user's own):
+    refused before anything is created; the file is kept as it was."""
+    (tmp_path / "report.json").write_text("precious")
+    with pytest.raises(ConfigError, match=r"already holds report\.json.*\{run\}"):
+        corral.spawn(TRUE, nprocs=1, log_dir=tmp_path)
+    assert (tmp_path / "report.json").read_text() == "precious"
+    assert not (tmp_path / "0").exists()
+
+
 async def test_run_field_numbers_the_runs(tmp_path: Path) -> None:
     """``{run}`` in log_dir: the first number whose folder is new; a failed spawn frees it."""
     template = tmp_path / "exp" / "run-{run}"

@@ -255,3 +255,47 @@ async def test_a_cancelled_join_leaves_no_thread(tmp_path: Path) -> None:
     assert group.pids == {}
     assert threading.active_count() == before
     assert sorted(os.listdir(tmp_path / "logs" / "0")) == []
+
+
+async def test_closing_a_node_whose_ranks_are_done_ends_at_once(tmp_path: Path) -> None:
+    """The library, two nodes in one process: node 0's ranks succeed while node 1's run
+    on; closing node 0 once it told the world it is done returns at once (it does not
+    wait for node 1's ranks) and node 1 is stopped by it."""
+    import asyncio
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    code = "import os, sys, time; time.sleep(600 if os.environ['GROUP_RANK'] == '1' else 0)"
+    groups = [
+        corral.spawn(
+            [PY, "-c", code],
+            nprocs=1,
+            log_dir=tmp_path / f"node{k}",
+            rendezvous=Rendezvous(endpoint=endpoint, run_id="close", nnodes=2),
+            grace=5,
+        )
+        for k in range(2)
+    ]
+    async with asyncio.timeout(90):
+        await asyncio.gather(*(g.start() for g in groups))
+        groups.sort(key=lambda g: g.world.node if g.world else -1)  # c10d numbers the nodes
+        published = asyncio.Event()
+        node = groups[0]._node
+        assert node is not None
+        told = node.publish
+
+        async def publish(result: corral.Result, *, closed: bool) -> None:
+            await told(result, closed=closed)
+            published.set()  # node 0 told the world it is done; node 1 runs on
+
+        node.publish = publish  # type: ignore[method-assign]
+        try:
+            await published.wait()
+            first = await groups[0].close()
+            second = await groups[1].wait()
+        finally:
+            for g in groups:
+                await g.close(grace=0)
+    assert first.ok
+    assert second.terminated == {0}
+    assert second.world_failure is not None
+    assert "stopped" in second.world_failure.message

@@ -9,6 +9,8 @@ would end it otherwise).
 from __future__ import annotations
 
 import asyncio
+import errno
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import corral
-from corral import ConfigError
+from corral import ConfigError, _platform
 
 from .children import callable_fns as fns
 from .cli_helpers import PY, corral_env
@@ -215,3 +217,40 @@ def test_sigterm_to_corral_is_never_restarted(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert not (tmp_path / "l" / "attempt-1").exists()
+
+
+@pytest.mark.parametrize("max_restarts", [0, 2])
+async def test_a_start_that_fails_still_ends_the_events_and_writes_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, max_restarts: int
+) -> None:
+    """The start itself fails (here: no descriptors left): ``events()`` ends with
+    ``closed`` carrying the error, and report.json says so, with or without restarts."""
+
+    def no_descriptors(_: int) -> object:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(_platform, "fd_budget", no_descriptors)
+    group = corral.spawn(python("pass"), nprocs=2, log_dir=tmp_path, max_restarts=max_restarts)
+    with pytest.raises(corral.CorralError, match="could not start the group"):
+        await group.start()
+    async with asyncio.timeout(10):
+        kinds = [e.kind async for e in group.events()]
+    assert kinds[-1] == "closed"
+    assert "could not start" in str(group.history[-1].detail.get("error", ""))
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] is False
+    assert "could not start" in report["error"]
+
+
+async def test_entering_a_started_group_again_is_refused_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """A second start of a running group: a CorralError; the group runs on, unclosed."""
+    group = corral.spawn(python("import time; time.sleep(600)"), nprocs=1, log_dir=tmp_path)
+    async with group:
+        with pytest.raises(corral.CorralError, match="entered only once"):
+            await group.start()
+        assert group.poll() is None
+        assert [e.kind for e in group.history] == ["start"]
+        result = await group.close(grace=5)
+    assert result.terminated == {0}

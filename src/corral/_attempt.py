@@ -153,6 +153,8 @@ class Attempt:
         self.events = EventLog()
         self.last = True
         self._hang_tasks: set[asyncio.Task[None]] = set()
+        #: rank -> its pending hang deadline (cancelled when the attempt closes).
+        self._hang_timers: dict[int, asyncio.TimerHandle] = {}
         #: rank -> resolved when the rank printed ``ready_line`` (started ranks only).
         self._ready: dict[int, asyncio.Future[None]] = {}
         #: Where the piped streams' lines go (the group's subscribers).
@@ -434,7 +436,7 @@ class Attempt:
         elif plan.hang_timeout is not None:
             for r in self._ranks:
                 if r.alive:
-                    loop.call_later(plan.hang_timeout, self._check_hang, r)
+                    self._arm_hang(r, plan.hang_timeout)
 
     def _adopt_pumps(self, started: Iterable[asyncio.Future[Pump]]) -> None:
         """Give every pump that started to its rank (closing drains and closes it)."""
@@ -446,7 +448,8 @@ class Attempt:
     def _on_exit(self, r: _Rank, returncode: int) -> None:
         """Called on the loop when rank ``r`` has exited and been reaped."""
         r.returncode = returncode
-        r.exit_time = time.time()
+        if r.hung is None:  # a rank failed by corral's verdict failed when it was judged
+            r.exit_time = time.time()
         r.after_close = self._state >= _State.CLOSING
         self._live -= 1
         assert self._settled is not None
@@ -529,9 +532,23 @@ class Attempt:
                     last = max(last, os.stat(path).st_mtime)
         idle = time.time() - last
         if idle < timeout:
-            loop.call_later(timeout - idle, self._check_hang, r)
+            self._arm_hang(r, timeout - idle)
             return
-        self._hang_tasks.add(loop.create_task(self._on_hang(r, idle)))
+        task = loop.create_task(self._on_hang(r, idle), name=f"corral-hang-{r.plan.rank}")
+        self._hang_tasks.add(task)
+        task.add_done_callback(self._hang_tasks.discard)
+
+    def _arm_hang(self, r: _Rank, delay: float) -> None:
+        assert self._loop is not None
+        self._hang_timers[r.plan.rank] = self._loop.call_later(delay, self._check_hang, r)
+
+    async def _hangs_settled(self) -> None:
+        """No deadline left pending; a hung rank's dump (bounded) finishes before any signal."""
+        for timer in self._hang_timers.values():
+            timer.cancel()
+        self._hang_timers.clear()
+        if self._hang_tasks:
+            await asyncio.wait(set(self._hang_tasks))
 
     async def _on_hang(self, r: _Rank, idle: float) -> None:
         """Dump the hung rank's stacks (before anything signals it), then fail it."""
@@ -597,6 +614,7 @@ class Attempt:
         assert loop is not None
         contain = self._contain
         ended = False
+        await self._hangs_settled()
         # From now on the pumps read to the end: a backed-up console must not
         # block a rank writing its last words during the grace period.
         for r in self._ranks:

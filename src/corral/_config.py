@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Final, TypeAlias, TypedDict, cast
 from . import _callable
 from ._errors import ConfigError
 from ._rendezvous import Rendezvous
+from ._report import REPORT_FILE
 from ._result import RankLogs
 from ._std import Std
 
@@ -746,6 +747,12 @@ def _log_dir(log_dir: object, n: int) -> tuple[Path, list[Path]]:
                     f"log_dir {str(root)!r} already holds rank folder(s) {', '.join(taken)}; "
                     "corral never overwrites logs: choose a new log_dir, or put {run} in it "
                     f"({str(root / 'run-{run}')!r}) to number the runs 1, 2, 3..."
+                )
+            if (root / REPORT_FILE).exists():
+                raise ConfigError(
+                    f"log_dir {str(root)!r} already holds {REPORT_FILE} (an earlier run's "
+                    "report?); corral never overwrites it: choose a new log_dir, or put {run} "
+                    f"in it ({str(root / 'run-{run}')!r}) to number the runs 1, 2, 3..."
                 )
             return root, []
         if root.exists():

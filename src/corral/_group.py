@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import signal
 from dataclasses import replace
-from typing import TYPE_CHECKING, Unpack
+from typing import TYPE_CHECKING, Any, Unpack
 
 from . import _bridge
 from ._attempt import Attempt
@@ -75,6 +75,7 @@ class Group:
         self._closing = False
         self._close_args: tuple[float | None, int] = (None, signal.SIGTERM)
         self._starting = False
+        self._entered = False
         self._wake = asyncio.Event()
         self._joining = False
         self._last_stats: dict[int, RankStats] = {}
@@ -117,26 +118,35 @@ class Group:
     async def __aenter__(self) -> Group:
         if _bridge.backend() == "trio":  # the asyncio core, on its own loop
             return await _bridge.run_on_core(self.__aenter__())
+        if self._entered:
+            raise CorralError("a Group can be entered only once")
+        self._entered = True
         node = self._node
-        if node is not None:
-            self._joining = True
-            try:
-                world = await node.join()
-                self._joined(world)
-                self._attempt = self._new_attempt(with_world(self._plan, world))
+        try:
+            if node is None and not self._plan.max_restarts:
                 await self._attempt.__aenter__()
-            except BaseException:
-                await node.shutdown()
-                raise
-            finally:
-                self._joining = False
-            drive = self._drive_world(node)
-        elif self._plan.max_restarts:
-            await self._attempt.__aenter__()
-            drive = self._drive()
-        else:
-            await self._attempt.__aenter__()
-            return self
+                return self
+            if node is not None:
+                self._joining = True
+                try:
+                    world = await node.join()
+                    self._joined(world)
+                    self._attempt = self._new_attempt(with_world(self._plan, world))
+                    await self._attempt.__aenter__()
+                except BaseException:
+                    await node.shutdown()
+                    await self._rendezvous_closed()
+                    raise
+                finally:
+                    self._joining = False
+                drive = self._drive_world(node)
+            else:
+                await self._attempt.__aenter__()
+                drive = self._drive()
+        except BaseException as exc:
+            # The group is over before it began (no-op when the attempt's close said so).
+            self._events.close(self._attempt.poll(), error=str(exc) or type(exc).__name__)
+            raise
         self._driver = asyncio.get_running_loop().create_task(drive, name="corral-driver")
         self._driver.add_done_callback(self._driver_done)
         return self
@@ -240,6 +250,7 @@ class Group:
         if not self._starting:  # a start in progress is closed by the driver itself
             await self._attempt.__aexit__(exc_type, exc, tb)
         await _finish(self._driver)
+        await self._rendezvous_closed()
 
     async def wait(self) -> Result:
         """Wait until every rank exited 0, or until one failed; then close the group.
@@ -297,8 +308,11 @@ class Group:
         if not self._starting:
             result = await self._attempt.close(grace, sig=sig)
             if driver.done() and driver.exception() is not None:
+                await self._rendezvous_closed()
                 return result  # the next attempt could not start: this one is the last
-        return await _finish(driver)
+        result = await _finish(driver)
+        await self._rendezvous_closed()
+        return result
 
     def send_signal(self, sig: int, ranks: Collection[int] | None = None) -> None:
         """Send ``sig`` to the process group of each live rank in ``ranks`` (default: all).
@@ -385,6 +399,14 @@ class Group:
             # A join blocks in torch until every node came: closing the
             # rendezvous ends it (for every node: this one will not come).
             self._ending = asyncio.ensure_future(self._node.shutdown())
+
+    async def _rendezvous_closed(self) -> None:
+        """The rendezvous shutdown that ``_stop`` began, finished (its errors are logged)."""
+        ending = self._ending
+        if ending is not None:
+            await asyncio.wait([ending])
+            if not ending.cancelled() and ending.exception() is not None:
+                _log.warning("corral: closing the rendezvous failed: %s", ending.exception())
 
     async def _drive(self) -> Result:
         """Wait for each attempt; restart after a failure while restarts are left."""
@@ -474,6 +496,9 @@ class Group:
                 result = await attempt.wait()
             if not end_task.done():
                 await node.publish(result, closed=self._closing)
+                await self._until_closed_or(end_task)
+                if not end_task.done():  # closed while other nodes still run: they stop
+                    await node.publish_closed()
             end = await end_task
             await node.end_round()
         except BaseException:
@@ -495,6 +520,14 @@ class Group:
         elif end.kind != "failed":
             failure = None
         return replace(result, failures=failures, world_failure=failure), end.kind == "failed"
+
+    async def _until_closed_or(self, task: asyncio.Future[Any]) -> None:
+        """Wait until ``task`` is done or the group is closed (``_stop``)."""
+        woken: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({task, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
 
     async def _start_next(self, plan: GroupPlan | None = None) -> None:
         self._starting = True
