@@ -754,7 +754,8 @@ class _ExitCallback:
 
 def _fd_budget(plan: GroupPlan) -> int:
     """File descriptors the supervisor holds for a running group (see ``_platform.fd_budget``)."""
-    per_rank = (1 + 2 * ((rp.tee & Std.OUT != 0) + (rp.tee & Std.ERR != 0)) for rp in plan.ranks)
+    piped = (rp.tee | rp.watch for rp in plan.ranks)  # teed or watched: a pipe and a pump
+    per_rank = (1 + 2 * ((p & Std.OUT != 0) + (p & Std.ERR != 0)) for p in piped)
     return sum(per_rank) + 8  # + the watchdog's pipe, a rank's transient spawn pipes
 
 
