@@ -63,13 +63,19 @@ class _Parser(argparse.ArgumentParser):
 # -- option types (each raises ArgumentTypeError with a one-line reason) ---------
 
 
-def _nprocs(text: str) -> int:
+def _whole(text: str, what: str, low: int) -> int:
+    """``text`` as a whole number >= ``low``, or a one-line reason."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of ranks, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value
+
+
+def _nprocs(text: str) -> int:
+    value = _whole(text, "a number of ranks", 1)
     if value > MAX_NPROCS:
         raise argparse.ArgumentTypeError(
             f"{value} is more than corral's limit of {MAX_NPROCS} ranks per group"
@@ -174,13 +180,7 @@ def rendezvous_from(ns: argparse.Namespace, fail: str) -> Rendezvous | None:
 
 
 def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
+    return _whole(text, "a whole number", 0)
 
 
 def _std(text: str) -> Std | dict[int, Std]:
