@@ -108,6 +108,11 @@ def _stamp(tmp: Path) -> float:
 
 # -- corral ------------------------------------------------------------------
 def run_corral(spec: dict[str, Any], reps: int) -> Samples:
+    if spec["params"].get("backend") == "trio":  # the same calls, awaited from trio
+        import anyio
+
+        samples: Samples = anyio.run(_corral, spec, reps, backend="trio")
+        return samples
     return asyncio.run(_corral(spec, reps))
 
 

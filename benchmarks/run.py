@@ -172,6 +172,17 @@ def build_cases(quick: bool) -> list[Case]:
                 rounds=1 if quick else 3,
             )
         )
+    # 2b. the same failure awaited from trio (corral's asyncio core on its loop thread)
+    cases.append(
+        Case(
+            "fail",
+            {"n": 8, "ignore_term": False, "grace": 5.0, "backend": "trio"},
+            2 if quick else 9,
+            [Row("under trio: failure->torn down N=8", "seconds", "ms", 1e3, target=le_x_raw(2))],
+            rounds=1 if quick else 3,
+            impls=("corral", "raw"),
+        )
+    )
     # 3. tee throughput, redirect, latency
     mib = 20 if quick else 200
     cases.append(
@@ -195,6 +206,24 @@ def build_cases(quick: bool) -> list[Case]:
                 ),
             ],
             rounds=1 if quick else 3,
+        )
+    )
+    cases.append(
+        Case(
+            "tee",
+            {"mib": mib, "mode": "tee", "backend": "trio"},
+            1 if quick else 3,
+            [
+                Row(
+                    f"under trio: tee {mib} MiB: throughput",
+                    "mib_s",
+                    "MiB/s",
+                    higher_is_better=True,
+                    target=ge(350, "MiB/s"),  # half the asyncio path's target
+                ),
+            ],
+            rounds=1 if quick else 3,
+            impls=("corral",),
         )
     )
     cases.append(
