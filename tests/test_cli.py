@@ -21,7 +21,8 @@ import psutil
 import pytest
 
 from corral import Failure, RankLogs, Result
-from corral._cli import exit_status, main, parse_ranks, render_summary
+from corral._cli import exit_status, main, render_summary
+from corral._cli_args import parse_ranks
 from corral._config import OMP_NOTE
 
 from .cli_helpers import PY, Lines, code, corral, corral_env, run_on_pty

@@ -8,7 +8,6 @@ and close with SIGTERM, a grace period and SIGKILL, leaving no process behind.
 from ._config import SpawnOptions as SpawnOptions
 from ._errors import ConfigError as ConfigError
 from ._errors import CorralError as CorralError
-from ._errors import GroupFailedError as GroupFailedError
 from ._events import Event as Event
 from ._group import Group as Group
 from ._group import run as run
@@ -17,6 +16,7 @@ from ._lines import Line as Line
 from ._record import record as record
 from ._rendezvous import Rendezvous as Rendezvous
 from ._result import Failure as Failure
+from ._result import GroupFailedError as GroupFailedError
 from ._result import RankLogs as RankLogs
 from ._result import Result as Result
 from ._stats import RankStats as RankStats

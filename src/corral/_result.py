@@ -10,14 +10,14 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final
 
 from ._callable import load_result
-from ._errors import GroupFailedError
+from ._errors import CorralError
 from ._record import read_error_file
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from pathlib import Path
 
-__all__ = ("Failure", "RankLogs", "Result")
+__all__ = ("Failure", "GroupFailedError", "RankLogs", "Result")
 
 #: How much of a failure ``describe()`` shows.
 TRACEBACK_LINES: Final = 40
@@ -592,3 +592,18 @@ def _return_value(o: RankOutcome) -> tuple[object, Failure | None]:
             f"its return value was pickled but cannot be loaded by the supervisor "
             f"({name}: {exc}); return types the supervisor can import",
         )
+
+
+class GroupFailedError(CorralError):
+    """Raised by :meth:`Result.raise_for_failure` when at least one rank failed.
+
+    Attributes:
+        result: the :class:`Result` whose failures this error explains.
+    """
+
+    def __init__(self, result: Result) -> None:
+        self.result = result
+        super().__init__(result.describe())
+
+    def __reduce__(self) -> tuple[type[GroupFailedError], tuple[Result]]:
+        return (type(self), (self.result,))

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Final
 
-from ._cli import (
+from ._cli_args import (
     Options,
     _Parser,
     _std,
