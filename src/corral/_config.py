@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Final, TypeAlias, TypedDict, cast
 from . import _callable
 from ._errors import ConfigError
 from ._rendezvous import Rendezvous
-from ._report import REPORT_FILE
 from ._result import RankLogs
 from ._std import Std
 
@@ -352,6 +351,10 @@ def with_world(plan: GroupPlan, world: World) -> GroupPlan:
         env.update(world.env(rp.rank))
         ranks.append(replace(rp, env=env))
     return replace(plan, ranks=tuple(ranks))
+
+
+#: The run report in ``log_dir`` (see ``_report``): never overwritten.
+REPORT_FILE: Final = "report.json"
 
 
 def attempt_folder(attempt: int) -> str:

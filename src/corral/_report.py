@@ -15,6 +15,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Final
 
+from ._config import REPORT_FILE
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from pathlib import Path
@@ -25,7 +27,6 @@ if TYPE_CHECKING:
 
 __all__ = ("REPORT_FILE", "write_report")
 
-REPORT_FILE: Final = "report.json"
 FORMAT: Final = "corral-report/1"
 
 _log = logging.getLogger("corral")
