@@ -5,8 +5,12 @@ close). ``Group`` is the policy above it: with ``max_restarts`` = 0 it hands
 every call to its one attempt; with restarts it runs a driver task that waits
 for each attempt, and on a failure with restarts left waits the backoff and
 starts the next attempt (the previous one is closed by then: the whole group
-is torn down between attempts). ``close()``, a cancellation or a signal ends
-the driver: they are never restarted.
+is torn down between attempts). In a multi-node world the driver runs each
+attempt as a round of the world (``_world.world_round``) and joins the next
+round through ``_rendezvous.Node``. ``close()``, a cancellation or a signal is
+a ``_world.Stop`` request: it ends the driver, never restarted. The embedding
+surface (``events``, ``lines``, ``stats``, ``ready``) reads the group's
+``EventLog``/``LineHub``, shared by every attempt.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import dataclasses
 import logging
 import signal
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Unpack
+from typing import TYPE_CHECKING, Unpack
 
 from . import _bridge
 from ._attempt import Attempt
@@ -31,10 +35,11 @@ from ._config import (
 from ._errors import ConfigError, CorralError
 from ._events import Event, EventLog
 from ._lines import Line, LineHub
-from ._rendezvous import Node, stopped
+from ._rendezvous import Node
 from ._report import REPORT_FILE, write_report
 from ._stats import RankStats, sample
 from ._std import Std
+from ._world import Stop, world_round
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Collection
@@ -72,11 +77,9 @@ class Group:
         #: The failed attempts' Results, first to last.
         self._previous: list[Result] = []
         self._driver: asyncio.Task[Result] | None = None
-        self._closing = False
-        self._close_args: tuple[float | None, int] = (None, signal.SIGTERM)
+        self._stop_request = Stop()
         self._starting = False
         self._entered = False
-        self._wake = asyncio.Event()
         self._joining = False
         self._last_stats: dict[int, RankStats] = {}
         self._ending: asyncio.Future[None] | None = None
@@ -391,10 +394,7 @@ class Group:
     # -- restarts -------------------------------------------------------------------
     def _stop(self, grace: float | None, sig: int) -> None:
         """No restart from now on; a start in progress is closed with ``grace``, ``sig``."""
-        if not self._closing:
-            self._closing = True
-            self._close_args = (grace, sig)
-        self._wake.set()
+        self._stop_request.request(grace, sig)
         if self._joining and self._node is not None:
             # A join blocks in torch until every node came: closing the
             # rendezvous ends it (for every node: this one will not come).
@@ -414,7 +414,11 @@ class Group:
         while True:
             result = await self._attempt.wait()
             result = replace(result, attempt=self.attempt, previous=tuple(self._previous))
-            if self._closing or not result.failures or self.attempt >= plan.max_restarts:
+            if (
+                self._stop_request.requested()
+                or not result.failures
+                or self.attempt >= plan.max_restarts
+            ):
                 return result
             if not await self._backoff(result):
                 return result  # closed during the backoff
@@ -436,21 +440,20 @@ class Group:
             plan.max_restarts,
             delay,
         )
-        if delay > 0:
-            try:
-                await asyncio.wait_for(self._wake.wait(), delay)
-            except TimeoutError:
-                pass
-        return not self._wake.is_set()
+        return await self._stop_request.sleep(delay)
 
     async def _drive_world(self, node: Node) -> Result:
         """Each attempt of a multi-node world: run it, learn how the world ended, restart."""
         plan = self._plan
         try:
             while True:
-                result, failed = await self._world_attempt(node)
+                result, failed = await world_round(node, self._attempt, self._stop_request)
                 result = replace(result, attempt=self.attempt, previous=tuple(self._previous))
-                if not failed or self._closing or self.attempt >= plan.max_restarts:
+                if (
+                    not failed
+                    or self._stop_request.requested()
+                    or self.attempt >= plan.max_restarts
+                ):
                     return result
                 if not await self._backoff(result):
                     return result
@@ -460,7 +463,7 @@ class Group:
                     world = await node.join()
                     self._joined(world)
                 except CorralError:
-                    if self._wake.is_set():  # closed while joining
+                    if self._stop_request.requested():  # closed while joining
                         return result
                     raise
                 finally:
@@ -468,66 +471,6 @@ class Group:
                 await self._start_next(with_world(next_attempt(plan, self.attempt), world))
         finally:
             await node.shutdown()
-
-    async def _world_attempt(self, node: Node) -> tuple[Result, bool]:
-        """Run the current attempt until the world's round ends.
-
-        Returns:
-            Its Result with the world's cause set, and whether the world
-            failed (a closed world, stopped by one node, is never restarted).
-        """
-        attempt = self._attempt
-        world = node.world
-        assert world is not None
-        end_task = asyncio.ensure_future(node.ended())
-        settled = asyncio.ensure_future(attempt.settled())
-        try:
-            await asyncio.wait({end_task, settled}, return_when=asyncio.FIRST_COMPLETED)
-            if settled.done() and not self._closing:
-                # Tell the world at once, before this node's own teardown.
-                early = attempt.failures_so_far()
-                if early:
-                    first = min(early, key=lambda f: (f.timestamp, f.rank))
-                    await node.publish_failure(first)
-            if end_task.done() and not settled.done():
-                grace, sig = self._close_args if self._closing else (None, signal.SIGTERM)
-                result = await attempt.close(grace, sig=sig)
-            else:
-                result = await attempt.wait()
-            if not end_task.done():
-                await node.publish(result, closed=self._closing)
-                await self._until_closed_or(end_task)
-                if not end_task.done():  # closed while other nodes still run: they stop
-                    await node.publish_closed()
-            end = await end_task
-            await node.end_round()
-        except BaseException:
-            if not end_task.done():
-                await node.publish_closed()  # ends every node's wait, this one's thread too
-                await asyncio.wait([end_task])
-            await node.end_round()
-            raise
-        finally:
-            settled.cancel()
-        # This node's failures say where they are in the world.
-        failures = {rank: node.enrich(f) for rank, f in result.failures.items()}
-        failure = end.failure
-        if end.kind == "failed" and failure is not None and failure.node == world.node:
-            # This node's own failure: the local record (logs, traceback) is the root cause.
-            failure = failures.get(failure.rank, failure)
-        if end.kind == "closed" and end.node != world.node:
-            failure = stopped(end.node)
-        elif end.kind != "failed":
-            failure = None
-        return replace(result, failures=failures, world_failure=failure), end.kind == "failed"
-
-    async def _until_closed_or(self, task: asyncio.Future[Any]) -> None:
-        """Wait until ``task`` is done or the group is closed (``_stop``)."""
-        woken: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait({task, woken}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            woken.cancel()
 
     async def _start_next(self, plan: GroupPlan | None = None) -> None:
         self._starting = True
@@ -541,8 +484,8 @@ class Group:
             await following.__aenter__()
         finally:
             self._starting = False
-        if self._closing:  # closed while it started
-            grace, sig = self._close_args
+        if self._stop_request.requested():  # closed while it started
+            grace, sig = self._stop_request.close_args
             await following.close(grace, sig=sig)
 
 
