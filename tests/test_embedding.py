@@ -301,11 +301,55 @@ async def test_a_rank_not_ready_in_time_is_failed(tmp_path: Path) -> None:
         corral.spawn(python("pass"), nprocs=1, ready_line="two\nlines")
 
 
+async def test_ready_by_a_write_to_the_ready_fd(tmp_path: Path) -> None:
+    """ready_fd=True: a rank says it is ready by writing to $CORRAL_READY_FD (no output,
+    no corral import); a rank that closes it unwritten never is, and is failed in time;
+    every readiness pipe is closed with the group."""
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    code = (
+        "import os, time\n"
+        "fd = int(os.environ['CORRAL_READY_FD'])\n"
+        "if os.environ['RANK'] == '0':\n"
+        f"    open({str(fifo)!r}).read()\n"
+        "    os.write(fd, b'\\n')\n"
+        "os.close(fd)\n"
+        "time.sleep(600)\n"
+    )
+    fds = len(os.listdir("/proc/self/fd"))
+    async with asyncio.timeout(30):
+        async with corral.spawn(
+            python(code), nprocs=2, log_dir=tmp_path / "l", ready_fd=True, redirects="out", grace=5
+        ) as group:
+            assert not any(e.kind == "ready" for e in group.history)
+            await asyncio.to_thread(fifo.write_text, "go")
+            await group.ready([0])
+            with pytest.raises(TimeoutError, match=r"\[1\] not ready within 0.5 s"):
+                await group.ready(fail_after=0.5)
+            result = await group.wait()
+    assert [e.rank for e in group.history if e.kind == "ready"] == [0]
+    assert set(result.failures) == {1}
+    assert "CORRAL_READY_FD" in result.failures[1].message
+    assert result.terminated == {0}
+    assert (tmp_path / "l" / "0" / "stdout.log").read_text() == ""
+    assert len(os.listdir("/proc/self/fd")) == fds  # every readiness pipe closed
+    with pytest.raises(corral.ConfigError, match="ready_fd"):
+        corral.spawn(python("pass"), nprocs=1, ready_fd=1)  # type: ignore[arg-type]
+
+
+async def test_ready_needs_a_way_to_say_it(tmp_path: Path) -> None:
+    """ready() on a group with neither ready_line nor ready_fd: a ConfigError naming both."""
+    async with corral.spawn(python("pass"), nprocs=1, log_dir=tmp_path) as group:
+        with pytest.raises(corral.ConfigError, match=r"ready_line=.*ready_fd=True"):
+            await group.ready()
+        await group.wait()
+
+
 async def test_ready_of_a_rank_that_exits_first(tmp_path: Path) -> None:
     """A rank that ends before its ready line: ready() says so at once."""
     async with asyncio.timeout(30):
         async with corral.spawn(
             python("import sys; sys.exit(2)"), nprocs=1, log_dir=tmp_path, ready_line="up"
         ) as group:
-            with pytest.raises(corral.CorralError, match="ended before printing"):
+            with pytest.raises(corral.CorralError, match="ended before the ready line 'up'"):
                 await group.ready()

@@ -3,7 +3,7 @@
 State machine: ``NEW -> RUNNING -> CLOSING -> CLOSED``. Every rank exit is an
 event from the loop (a pidfd turning readable), so the first failure is seen
 within a loop iteration of the exit. Closing is a single task, created once;
-every ``close()``/``wait()``/``__aexit__`` awaits that same task through
+every ``close()``/``wait()``/``leave()`` awaits that same task through
 ``asyncio.shield`` and keeps awaiting it if cancelled, so clean-up always
 finishes and every caller gets the same ``Result``.
 """
@@ -36,7 +36,6 @@ from ._tee import Console
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterable
     from pathlib import Path
-    from types import TracebackType
 
 __all__ = ("Attempt",)
 
@@ -153,6 +152,8 @@ class Attempt:
         self.events = EventLog()
         self.last = True
         self._hang_tasks: set[asyncio.Task[None]] = set()
+        #: rank -> the read end of its readiness pipe, until it said ready or closed it.
+        self._ready_fds: dict[int, int] = {}
         #: rank -> its pending hang deadline (cancelled when the attempt closes).
         self._hang_timers: dict[int, asyncio.TimerHandle] = {}
         #: rank -> resolved when the rank printed ``ready_line`` (started ranks only).
@@ -173,16 +174,13 @@ class Attempt:
         await self._start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def leave(self) -> None:
+        """The group's block is left, for any reason: close, shielded.
+
+        A cancellation arriving meanwhile does not shorten the grace period.
+        """
         if self._state is _State.NEW:
             return
-        # Leaving the block for any reason closes the group, shielded: a
-        # cancellation arriving now does not shorten the grace period.
         await self._close_shielded(None, hurry_on_cancel=False)
 
     async def wait(self) -> Result:
@@ -380,6 +378,8 @@ class Attempt:
                 popen = outcome.popen
                 r.pid = popen.pid
                 self._ready[rp.rank] = loop.create_future()
+                if outcome.ready is not None:
+                    self._watch_ready_fd(r, outcome.ready)
                 self.events.emit("start", rank=rp.rank, pid=popen.pid)
                 contain.started(popen.pid)
                 self._live += 1
@@ -460,7 +460,31 @@ class Attempt:
         self._exits_changed.set()
         self.events.emit("exit", rank=r.plan.rank, pid=r.pid, exitcode=returncode, failed=failed)
 
-    # -- readiness (ready_line) ----------------------------------------------------
+    # -- readiness (ready_line, ready_fd) ------------------------------------------
+    def _watch_ready_fd(self, r: _Rank, fd: int) -> None:
+        assert self._loop is not None
+        self._ready_fds[r.plan.rank] = fd
+        self._loop.add_reader(fd, self._on_ready_fd, r, fd)
+
+    def _on_ready_fd(self, r: _Rank, fd: int) -> None:
+        """The rank's readiness pipe turned readable: a byte (ready) or end of file."""
+        try:
+            data = os.read(fd, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self._drop_ready_fd(r.plan.rank)
+        if data:
+            self._on_ready(r)
+
+    def _drop_ready_fd(self, rank: int) -> None:
+        fd = self._ready_fds.pop(rank, None)
+        if fd is not None:
+            assert self._loop is not None
+            self._loop.remove_reader(fd)
+            os.close(fd)
+
     def _on_ready(self, r: _Rank) -> None:
         fut = self._ready.get(r.plan.rank)
         if fut is not None and not fut.done():
@@ -470,9 +494,12 @@ class Attempt:
     async def ready(self, ranks: Collection[int] | None, fail_after: float | None) -> None:
         """Wait until every rank in ``ranks`` printed the ready line (see ``Group.ready``)."""
         self._require_started("ready")
-        line = self._plan.ready_line
-        if line is None:
-            raise ConfigError("ready() needs spawn(..., ready_line=...): the text ranks print")
+        signal_ = _ready_signal(self._plan)
+        if signal_ is None:
+            raise ConfigError(
+                "ready() needs spawn(..., ready_line='TEXT') (a line ranks print) "
+                "or spawn(..., ready_fd=True) (ranks write to $CORRAL_READY_FD)"
+            )
         wanted = sorted(range(self.nprocs) if ranks is None else set(ranks))
         bad = [r for r in wanted if not isinstance(r, int) or not 0 <= r < self.nprocs]
         if bad:
@@ -486,12 +513,10 @@ class Attempt:
                 return
             gone = [r for r in pending if not self._ranks[r].alive]
             if gone:
-                raise CorralError(
-                    f"rank(s) {gone} ended before printing the ready line {line.decode()!r}"
-                )
+                raise CorralError(f"rank(s) {gone} ended before {signal_} (not ready)")
             left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= 0:
-                message = f"not ready within {fail_after} s (no {line.decode()!r} on its stdout)"
+                message = f"not ready within {fail_after} s (no {signal_})"
                 self._fail(pending, message, "unready")
                 raise TimeoutError(f"rank(s) {pending} {message}: the group is closing")
             self._exits_changed.clear()
@@ -645,6 +670,8 @@ class Attempt:
             if self._owns_console and self._console is not None:
                 self._console.close()
             self._reap_ranks()
+            for rank in list(self._ready_fds):
+                self._drop_ready_fd(rank)
             if contain is not None:
                 contain.release()
                 await contain.finish()
@@ -755,8 +782,18 @@ class _ExitCallback:
 def _fd_budget(plan: GroupPlan) -> int:
     """File descriptors the supervisor holds for a running group (see ``_platform.fd_budget``)."""
     piped = (rp.tee | rp.watch for rp in plan.ranks)  # teed or watched: a pipe and a pump
-    per_rank = (1 + 2 * ((p & Std.OUT != 0) + (p & Std.ERR != 0)) for p in piped)
+    per_rank = (1 + plan.ready_fd + 2 * ((p & Std.OUT != 0) + (p & Std.ERR != 0)) for p in piped)
     return sum(per_rank) + 8  # + the watchdog's pipe, a rank's transient spawn pipes
+
+
+def _ready_signal(plan: GroupPlan) -> str | None:
+    """How the ranks say they are ready, in words (``None``: they cannot)."""
+    ways = []
+    if plan.ready_line is not None:
+        ways.append(f"the ready line {plan.ready_line.decode()!r} on its stdout")
+    if plan.ready_fd:
+        ways.append("a write to $CORRAL_READY_FD")
+    return " or ".join(ways) or None
 
 
 def _explain(exc: OSError) -> str:

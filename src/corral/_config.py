@@ -58,6 +58,8 @@ _PREFIX_FIELDS: Final = frozenset({"rank", "stream"})
 MAX_NPROCS: Final = 4096
 #: In each rank folder: the file a rank touches to say it makes progress (``hang_timeout``).
 HEARTBEAT_FILE: Final = "heartbeat"
+#: The variable naming a rank's readiness descriptor (``ready_fd=True``).
+READY_FD_ENV: Final = "CORRAL_READY_FD"
 #: In ``log_dir``, replaced by the first run number (1, 2, 3...) whose folder is new.
 RUN_FIELD: Final = "{run}"
 #: Linux: the longest single argument or ``KEY=VALUE`` that ``execve`` takes
@@ -121,6 +123,8 @@ class GroupPlan:
     hang_timeout: float | None = None
     #: The text a rank prints on a stdout line to say it is ready (``group.ready()``).
     ready_line: bytes | None = None
+    #: Each rank gets a pipe, ``$CORRAL_READY_FD``, to write its readiness to.
+    ready_fd: bool = False
 
 
 class SpawnOptions(TypedDict, total=False):
@@ -176,6 +180,9 @@ class SpawnOptions(TypedDict, total=False):
     #: Text that, found in a line of a rank's stdout, says the rank is ready
     #: (``await group.ready()``); stdout is then read through corral (and logged).
     ready_line: str | None
+    #: Give each rank a pipe, its descriptor number in ``$CORRAL_READY_FD``: a
+    #: rank is ready (``await group.ready()``) once it writes a byte to it.
+    ready_fd: bool
 
 
 _OPTIONS: Final = frozenset(SpawnOptions.__annotations__)
@@ -239,6 +246,9 @@ def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
         if not isinstance(ready_line, str) or not ready_line or "\n" in ready_line:
             raise ConfigError(f"ready_line must be a non-empty one-line str, not {ready_line!r}")
         watch_map = {r: s | Std.OUT for r, s in watch_map.items()}
+    ready_fd = options.get("ready_fd", False)
+    if not isinstance(ready_fd, bool):
+        raise ConfigError(f"ready_fd must be True or False, not {ready_fd!r}")
     console_ranks = _tee_ranks(tee_ranks, n)
     _check_prefix(prefix)
     grace = _grace(grace)
@@ -340,6 +350,7 @@ def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
         rendezvous=rendezvous,
         hang_timeout=hang_timeout,
         ready_line=None if ready_line is None else ready_line.encode(),
+        ready_fd=ready_fd,
     )
 
 

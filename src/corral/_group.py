@@ -205,7 +205,10 @@ class Group:
     async def ready(
         self, ranks: Collection[int] | None = None, *, fail_after: float | None = None
     ) -> None:
-        """Wait until each rank (default: all) printed ``ready_line`` on its stdout.
+        """Wait until each rank (default: all) said it is ready.
+
+        A rank is ready once it printed ``ready_line`` on its stdout, or (with
+        ``ready_fd=True``) wrote a byte to the descriptor ``$CORRAL_READY_FD``.
 
         Args:
             ranks: the ranks to wait for (default: all).
@@ -213,7 +216,7 @@ class Group:
                 (unlike a cancel scope around the call, which only stops waiting).
 
         Raises:
-            ConfigError: the group has no ``ready_line``, or a bad rank.
+            ConfigError: the group has neither ``ready_line`` nor ``ready_fd``, or a bad rank.
             CorralError: a rank ended before it said it was ready.
             TimeoutError: ``fail_after`` passed first: the ranks not ready are
                 failed ("not ready within ...", the root cause) and the group
@@ -247,11 +250,11 @@ class Group:
         if _bridge.backend() == "trio":  # the asyncio core, on its own loop
             return await _bridge.run_on_core(self.__aexit__(exc_type, exc, tb), shield=True)
         if self._driver is None:
-            await self._attempt.__aexit__(exc_type, exc, tb)
+            await self._attempt.leave()
             return
         self._stop(None, signal.SIGTERM)
         if not self._starting:  # a start in progress is closed by the driver itself
-            await self._attempt.__aexit__(exc_type, exc, tb)
+            await self._attempt.leave()
         await _finish(self._driver)
         await self._rendezvous_closed()
 
@@ -513,7 +516,8 @@ def spawn(entrypoint: Entrypoint, **options: Unpack[SpawnOptions]) -> Group:
         **options: the keywords of :class:`SpawnOptions`: ``nprocs``, ``args``,
             ``env``, ``envs``, ``log_dir``, ``redirects``, ``tee``,
             ``tee_ranks``, ``prefix``, ``grace``, ``cwd``, ``pid_namespace``,
-            ``max_restarts``, ``restart_backoff``, ``restart_backoff_max``.
+            ``max_restarts``, ``restart_backoff``, ``restart_backoff_max``,
+            ``rendezvous``, ``watch``, ``hang_timeout``, ``ready_line``, ``ready_fd``.
 
     Returns:
         An unstarted :class:`Group`.

@@ -18,6 +18,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING
 
+from ._config import READY_FD_ENV
 from ._std import Std
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ class Started:
     popen: subprocess.Popen[bytes]
     stdout: IO[bytes] | None
     stderr: IO[bytes] | None
+    #: The read end of its readiness pipe (``ready_fd``), non-blocking; the caller closes it.
+    ready: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +63,14 @@ def start_rank(plan: GroupPlan, rank: RankPlan) -> Started | ExecFailed:
         OSError: a resource limit (no fds, no processes) stopped the start.
     """
     fds: list[int] = []
+    env, ready = rank.env, None
+    pass_fds: tuple[int, ...] = ()
     try:
+        if plan.ready_fd:
+            ready, writer = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            fds.append(writer)  # the child's copy is enough: ours closes after the start
+            os.set_blocking(writer, True)  # the rank's end behaves as an ordinary pipe
+            env, pass_fds = {**env, READY_FD_ENV: str(writer)}, (writer,)
         out: int | None = None
         err: int | None = None
         if (rank.tee | rank.watch) & Std.OUT:
@@ -79,20 +89,34 @@ def start_rank(plan: GroupPlan, rank: RankPlan) -> Started | ExecFailed:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
-                env=rank.env,
+                env=env,
                 cwd=plan.cwd,
                 close_fds=True,
+                pass_fds=pass_fds,
                 start_new_session=True,
             )
-        except (FileNotFoundError, NotADirectoryError) as exc:
-            return ExecFailed(127, f"cannot execute {rank.argv[0]!r}: {exc.strerror}")
-        except PermissionError as exc:
-            return ExecFailed(126, f"cannot execute {rank.argv[0]!r}: {exc.strerror}")
         except OSError as exc:
-            if exc.errno in (errno.ENOEXEC, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG):
-                return ExecFailed(126, f"cannot execute {rank.argv[0]!r}: {exc.strerror}")
-            raise
+            if ready is not None:
+                os.close(ready)
+            failed = _exec_failed(exc, rank.argv[0])
+            if failed is None:
+                raise
+            return failed
     finally:
         for fd in fds:
             os.close(fd)
-    return Started(popen=popen, stdout=popen.stdout, stderr=popen.stderr)
+    return Started(popen=popen, stdout=popen.stdout, stderr=popen.stderr, ready=ready)
+
+
+def _exec_failed(exc: OSError, program: str) -> ExecFailed | None:
+    """The exit code and message of a program that cannot be executed (else ``None``)."""
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+        return ExecFailed(127, f"cannot execute {program!r}: {exc.strerror}")
+    if isinstance(exc, PermissionError) or exc.errno in (
+        errno.ENOEXEC,
+        errno.EISDIR,
+        errno.ELOOP,
+        errno.ENAMETOOLONG,
+    ):
+        return ExecFailed(126, f"cannot execute {program!r}: {exc.strerror}")
+    return None
