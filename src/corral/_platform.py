@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import sys
@@ -40,6 +41,8 @@ __all__ = (
 _log = logging.getLogger("corral")
 
 IS_LINUX: Final = sys.platform.startswith("linux")
+#: A pipe's capacity can be raised (``fcntl.F_SETPIPE_SZ``, Linux).
+CAN_RESIZE_PIPES: Final = IS_LINUX and hasattr(fcntl, "F_SETPIPE_SZ")
 
 
 def _probe_pidfd() -> bool:

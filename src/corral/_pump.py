@@ -24,6 +24,8 @@ import logging
 import os
 from typing import IO, TYPE_CHECKING, Final
 
+from . import _platform
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -235,7 +237,7 @@ class Pump(asyncio.Protocol):
         if transport is None or not hasattr(transport, "max_size") or _grown >= MAX_GROWN:
             return
         pipe = transport.get_extra_info("pipe")
-        if pipe is not None and hasattr(fcntl, "F_SETPIPE_SZ"):
+        if pipe is not None and _platform.CAN_RESIZE_PIPES:
             try:
                 fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, BUSY_PIPE)
             except (OSError, ValueError):

@@ -21,6 +21,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Final, Protocol, cast
 
+from . import _platform
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -339,7 +341,7 @@ _WRITERS_GUARD = threading.Lock()
 
 def _writer_for(target: object) -> _Writer | None:
     """The shared non-blocking writer of a pipe or terminal console, else None."""
-    if not sys.platform.startswith("linux"):
+    if not _platform.IS_LINUX:
         return None
     fileno = getattr(target, "fileno", None)
     if fileno is None:
