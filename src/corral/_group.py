@@ -30,7 +30,7 @@ from ._config import (
 )
 from ._errors import ConfigError, CorralError
 from ._events import Event, EventLog
-from ._lines import Line, LineHub, Lines, each_line
+from ._lines import Following, Line, LineHub, Lines, each_line
 from ._rendezvous import Node, stopped
 from ._report import REPORT_FILE, write_report
 from ._stats import RankStats, sample
@@ -230,8 +230,11 @@ class Group:
                 continue
             if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
                 raise ConfigError(f"lines: {name} must be a whole number >= 1, not {limit!r}")
-        batches = _bridge.bridged(self._lines.subscribe(ranks, names, maxbytes, maxsize))
-        return batches if batched else each_line(batches)
+        subscription = self._lines.subscribe(ranks, names, maxbytes, maxsize)
+        batches = _bridge.bridged(subscription)
+        if batched:
+            return Following(batches, subscription)
+        return Following(each_line(batches), subscription)
 
     async def ready(
         self, ranks: Collection[int] | None = None, *, fail_after: float | None = None

@@ -28,12 +28,14 @@ import collections
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Collection, Iterator
+    from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 
-__all__ = ("Line", "LineFeed", "LineHub", "Lines", "Subscription", "each_line")
+T = TypeVar("T")
+
+__all__ = ("Following", "Line", "LineFeed", "LineHub", "Lines", "Subscription", "each_line")
 
 #: The longest piece of a line handed on at once (as the console's tee).
 PIECE: Final = 64 * 1024
@@ -236,6 +238,7 @@ class _Sub:
     __slots__ = (
         "ended",
         "lines",
+        "loop",
         "maxbytes",
         "maxlines",
         "missed",
@@ -243,6 +246,7 @@ class _Sub:
         "queued",
         "ranks",
         "streams",
+        "waiting",
         "wake",
     )
 
@@ -262,6 +266,8 @@ class _Sub:
         self.lines = 0  # lines in the queue, counted only with maxlines
         self.missed = 0
         self.ended = False
+        self.loop: asyncio.AbstractEventLoop | None = None  # where __anext__ waits
+        self.waiting = 0
         # Bound to a loop at its first wait (the corral loop, where __anext__ runs).
         self.wake = asyncio.Event()
 
@@ -296,7 +302,12 @@ class Subscription:
                 self._end()
                 raise StopAsyncIteration
             sub.wake.clear()
-            await sub.wake.wait()
+            sub.loop = asyncio.get_running_loop()
+            sub.waiting += 1
+            try:
+                await sub.wake.wait()
+            finally:
+                sub.waiting -= 1
 
     async def aclose(self) -> None:
         self._end()
@@ -308,7 +319,11 @@ class Subscription:
             self._hub._remove(sub)
         sub.queue.clear()
         sub.queued = sub.lines = 0
-        sub.wake.set()  # another task waiting on it ends too
+        if sub.waiting and sub.loop is not None:  # another task waits on it: it ends too
+            try:
+                sub.loop.call_soon_threadsafe(sub.wake.set)  # from any thread (trio's, GC)
+            except RuntimeError:
+                pass  # that loop is closed
 
     def __del__(self) -> None:
         self._end()
@@ -340,6 +355,33 @@ async def each_line(batches: AsyncIterator[Lines]) -> AsyncIterator[Line]:
         aclose = getattr(batches, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+class Following(Generic[T]):
+    """What ``group.lines()`` returns: an async iterator that can be closed before it starts.
+
+    ``aclose()`` (or dropping it) unregisters the subscription at once, even
+    when it was never iterated (closing an unstarted async generator would
+    not run its clean-up).
+    """
+
+    __slots__ = ("_items", "_subscription")
+
+    def __init__(self, items: AsyncIterator[T], subscription: Subscription) -> None:
+        self._items = items
+        self._subscription = subscription
+
+    def __aiter__(self) -> Following[T]:
+        return self
+
+    def __anext__(self) -> Awaitable[T]:
+        return self._items.__anext__()  # no extra coroutine per item
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._items, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        self._subscription._end()  # a no-op when the iteration already ended it
 
 
 class LineFeed:
