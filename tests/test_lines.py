@@ -191,7 +191,7 @@ async def test_a_consumer_that_stops_reading(tmp_path: Path) -> None:
     cmd = py(FLOOD, go, done, end)
     async with corral.spawn(cmd, nprocs=1, log_dir=tmp_path / "l", watch="out") as g:
         batches = g.lines(batched=True, maxbytes=256 * 1024)
-        witness = g.lines(batched=True)  # reads on: it shows when the pump read everything
+        witness = g.lines(batched=True, maxbytes=2**30)  # shows when the pump read it all
         await say(go)
         assert await hear(done) == "done"  # all written: nothing waited for the subscriber
         seen = 0
