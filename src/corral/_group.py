@@ -201,7 +201,7 @@ class Group:
         loses the newest lines rather than slow anything down, and the next
         line (or batch) it gets says how many lines it missed (``missed``;
         the log files have them all). An empty queue always takes one line,
-        however long.
+        however long; the per-line iterator also holds the batch it splits.
 
         Args:
             ranks: the ranks to follow (default: all).
