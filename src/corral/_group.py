@@ -30,7 +30,7 @@ from ._config import (
 )
 from ._errors import ConfigError, CorralError
 from ._events import Event, EventLog
-from ._lines import Following, Line, LineHub, Lines, Subscription, each_line
+from ._lines import Following, Line, LineHub, Lines, each_line, on_caller
 from ._rendezvous import Node, stopped
 from ._report import REPORT_FILE, write_report
 from ._stats import RankStats, sample
@@ -231,7 +231,7 @@ class Group:
             if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
                 raise ConfigError(f"lines: {name} must be a whole number >= 1, not {limit!r}")
         subscription = self._lines.subscribe(ranks, names, maxbytes, maxsize)
-        batches = _lines_on_caller(subscription)
+        batches = on_caller(subscription)
         if batched:
             return Following(batches, subscription)
         return Following(each_line(batches), subscription)
@@ -558,15 +558,6 @@ class Group:
         if self._closing:  # closed while it started
             grace, sig = self._close_args
             await following.close(grace, sig=sig)
-
-
-def _lines_on_caller(subscription: Subscription) -> AsyncIterator[Lines]:
-    """The batches for the calling task: direct under asyncio, bridged under trio."""
-    try:
-        direct = _bridge.backend() == "asyncio"
-    except CorralError:  # no event loop yet: decided at each step
-        direct = False
-    return subscription if direct else _bridge.bridged(subscription)
 
 
 async def _finish(driver: asyncio.Task[Result]) -> Result:

@@ -30,12 +30,24 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
+from . import _bridge
+from ._errors import CorralError
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 
 T = TypeVar("T")
 
-__all__ = ("Following", "Line", "LineFeed", "LineHub", "Lines", "Subscription", "each_line")
+__all__ = (
+    "Following",
+    "Line",
+    "LineFeed",
+    "LineHub",
+    "Lines",
+    "Subscription",
+    "each_line",
+    "on_caller",
+)
 
 #: The longest piece of a line handed on at once (as the console's tee).
 PIECE: Final = 64 * 1024
@@ -327,6 +339,15 @@ class Subscription:
 
     def __del__(self) -> None:
         self._end()
+
+
+def on_caller(subscription: Subscription) -> AsyncIterator[Lines]:
+    """The batches for the calling task: direct under asyncio, bridged under trio."""
+    try:
+        direct = _bridge.backend() == "asyncio"
+    except CorralError:  # no event loop yet: decided at each step
+        direct = False
+    return subscription if direct else _bridge.bridged(subscription)
 
 
 # The per-line iterator builds its Line objects through the slots directly:
