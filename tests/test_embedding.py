@@ -159,9 +159,8 @@ async def test_lines_of_a_watched_stream(tmp_path: Path) -> None:
     got: list[corral.Line] = []
     async with asyncio.timeout(30):
         async with corral.spawn(python(code), nprocs=2, log_dir=tmp_path / "l", watch="all") as g:
-            lines = g.lines()
+            lines = g.lines()  # subscribed now
             first = asyncio.ensure_future(anext(lines))
-            await asyncio.sleep(0)  # the subscription is registered at its first step
             for r in range(2):
                 await asyncio.to_thread((tmp_path / f"go-{r}").write_text, "go")
             got.append(await first)
@@ -194,27 +193,23 @@ async def test_a_slow_line_consumer_is_told_what_it_missed(tmp_path: Path) -> No
     )
     async with asyncio.timeout(30):
         async with corral.spawn(python(code), nprocs=1, log_dir=tmp_path / "l", watch="out") as g:
-            lines = g.lines(maxsize=10)
-            first = asyncio.ensure_future(anext(lines))
-            await asyncio.sleep(0)  # registered
+            lines = g.lines(maxsize=10)  # subscribed now; not read until the rank printed
+            witness = g.lines()  # reads on: it shows when the pump has read everything
             await asyncio.to_thread(go.write_text, "go")
-            got = [await first]
             assert await asyncio.to_thread(printed.read_text) == "printed"
-            # It kept at most maxsize lines, at least maxsize - 1 (one went to `first`):
-            # read 9 to make room, then let the rank print its last line.
-            got += [await anext(lines) for _ in range(9)]
+            while (await anext(witness)).data != b"999\n":
+                pass
+            # It kept the oldest maxsize lines: read them (its queue is empty then),
+            # then let the rank print its last line.
+            got = [await anext(lines) for _ in range(10)]
             await asyncio.to_thread(last.write_text, "go")
-            while (line := await anext(lines)).data != b"last\n":
-                got.append(line)
-            after = line
+            after = await anext(lines)
             assert await g.wait()
-    assert 9 <= len(got) - 1 <= 10
-    numbers = [int(x.data) for x in got]
-    assert numbers[0] == 0
-    assert numbers == sorted(numbers)
+            await witness.aclose()  # type: ignore[attr-defined]
+    assert [x.data for x in got] == [b"%d\n" % k for k in range(10)]
+    assert all(x.missed == 0 for x in got)
     assert after.data == b"last\n"
-    assert after.missed > 0  # told, with the first line after the gap
-    assert len(got) + 1 + sum(x.missed for x in [*got, after]) == 1001
+    assert after.missed == 990  # told, with the first line after the gap
     log = (tmp_path / "l" / "0" / "stdout.log").read_text().splitlines()
     assert log == [*map(str, range(1000)), "last"]
 

@@ -19,7 +19,7 @@ SPEC_NAMES = {
 }
 #: Beyond the SPEC: the typed keyword set of spawn/run (so that no public
 #: signature names a private type).
-EXTRA_NAMES = {"Event", "Line", "RankStats", "Rendezvous", "SpawnOptions"}
+EXTRA_NAMES = {"Event", "Line", "Lines", "RankStats", "Rendezvous", "SpawnOptions"}
 
 
 def test_all_matches_spec() -> None:

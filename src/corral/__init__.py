@@ -13,6 +13,7 @@ from ._group import Group as Group
 from ._group import run as run
 from ._group import spawn as spawn
 from ._lines import Line as Line
+from ._lines import Lines as Lines
 from ._record import record as record
 from ._rendezvous import Rendezvous as Rendezvous
 from ._result import Failure as Failure
@@ -32,6 +33,7 @@ __all__ = (
     "Group",
     "GroupFailedError",
     "Line",
+    "Lines",
     "RankLogs",
     "RankStats",
     "Rendezvous",
@@ -49,4 +51,5 @@ del _exc
 Rendezvous.__module__ = "corral"
 Event.__module__ = "corral"
 Line.__module__ = "corral"
+Lines.__module__ = "corral"
 RankStats.__module__ = "corral"
