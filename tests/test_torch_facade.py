@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
@@ -28,10 +29,13 @@ from corral.torch import (
 
 from .children import torch_fns
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
 pytestmark = pytest.mark.timeout(60)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-SIGNAL_NAMES = {s.name for s in signal.Signals}
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 def python(code: str) -> tuple[str, tuple[object, ...]]:
@@ -42,6 +46,15 @@ def python(code: str) -> tuple[str, tuple[object, ...]]:
 def gone(pids: dict[int, int]) -> bool:
     """No pid of ``pids`` is alive or a zombie."""
     return not any(psutil.pid_exists(pid) for pid in pids.values())
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers() -> Iterator[None]:
+    """start() installs PyTorch's handlers in the main thread (as torch does): undo it."""
+    saved = {sig: signal.getsignal(sig) for sig in HANDLED}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture
@@ -142,6 +155,23 @@ def test_functions_return_values_and_layout(tmp_path: Path, start_method: str) -
         assert out.read_text() == f"{word} stdout from {rank}\n"
         assert Path(result.stderrs[rank]).read_text() == f"{word} stderr from {rank}\n"
     assert all(t.stopped() for t in pc._tail_logs)
+
+
+def test_torch_logs_specs_are_accepted(tmp_path: Path) -> None:
+    """PyTorch's own DefaultLogsSpecs (its reify makes the rank folders) works unchanged."""
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs as TorchSpecs
+    from torch.distributed.elastic.multiprocessing.api import Std as TorchStd
+
+    pc = start_processes(
+        "echo",
+        torch_fns.echo,
+        {0: ("a",)},
+        {0: {"RANK": "0"}},
+        TorchSpecs(log_dir=str(tmp_path), redirects=TorchStd.OUT),  # type: ignore[arg-type]
+    )
+    result = finished(pc)
+    assert Path(result.stdouts[0]).read_text() == "a stdout from 0\n"
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # torch's handler, installed
 
 
 def test_wait_returns_none_until_done_then_close(tmp_path: Path, fifo: str) -> None:

@@ -10,7 +10,8 @@ installed torch), then::
 The script copies the file and its ``bin/`` scripts to a temporary folder,
 switches only the imports of ``torch.distributed.elastic.multiprocessing``
 (and of its ``.api`` module) to ``corral.torch`` (``.errors`` and everything
-else stay torch's), deselects the tests listed in ``EXCLUDED`` and runs
+else stay torch's), deselects the tests listed in ``EXCLUDED`` (``KNOWN_FAILURES`` run, and
+say why they fail) and runs
 pytest there with this checkout's ``src`` first on ``PYTHONPATH``. With
 ``--torch`` it runs the unmodified file against torch itself, for comparison.
 It needs torch, ``expecttest`` and ``numpy`` (imported by PyTorch's test utilities).
@@ -40,6 +41,21 @@ EXCLUDED: Final = {
     ),
     "test_multiprocessing_context_poll_raises_exception": (
         "injects a mocked torch.multiprocessing ProcessContext (_pc) and calls _poll()"
+    ),
+}
+
+#: Tests that run (they are not deselected) and are known to fail, with why.
+KNOWN_FAILURES: Final = {
+    "test_binary_duplicate_log_filters": (
+        "the stored bin/echo1.py prints its argument whole (the test's own echo1 function "
+        "splits it at commas), so the lines the filters should match are never printed; "
+        "fails against torch 2.13 too"
+    ),
+    "test_binary_signal": (
+        "races rank 1 (exits 0 a few ms after start) against the supervisor seeing rank 0's "
+        "SIGSEGV: torch polls every 0.1 s and rank 1 has ended by then; corral sees the exit "
+        "at once and closes rank 1 with SIGTERM, which torch's own rule (test_binary_exit: "
+        "a rank closed after a failure is a failure too) makes a second failure"
     ),
 }
 
@@ -81,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, reason in EXCLUDED.items():
                 print(f"  {name}: {reason}")
             command += ["-k", " and ".join(f"not {name}" for name in EXCLUDED)]
+            print("known to fail against corral.torch (they run):")
+            for name, reason in KNOWN_FAILURES.items():
+                print(f"  {name}: {reason}")
         command += pytest_args
         print("running:", " ".join(command), f"(in {work})", flush=True)
         return subprocess.run(command, cwd=work, env=env, check=False).returncode
