@@ -324,17 +324,24 @@ def test_signal_to_the_supervisor_raises_signal_exception(tmp_path: Path) -> Non
     """SIGTERM to a supervisor in wait() raises SignalException; close(sigval) ends the ranks."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(SRC.parent)]))
     script = Path(__file__).parent / "children" / "torch_supervisor.py"
-    with subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path
-    ) as proc:
+    )
+    try:
         assert proc.stdout is not None
-        # The supervisor prints its pids; each rank prints "up" once it runs (any order).
+        # The supervisor prints its pids; each rank writes "up" once it runs (any order).
         lines = sorted(proc.stdout.readline().split() for _ in range(3))
         assert lines[1:] == [["up"], ["up"]], lines
         assert lines[0][0] == "pids", lines
         rank_pids = {i: int(p) for i, p in enumerate(lines[0][2:])}
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:  # a failed assertion: the ranks die with their supervisor
+            proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
     assert proc.returncode == 0
     assert rest.split() == ["closed", "SIGTERM", "-15", "-15"]  # torch: both are failures
     assert gone(rank_pids)

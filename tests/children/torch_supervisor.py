@@ -14,7 +14,7 @@ from corral.torch import DefaultLogsSpecs, SignalException, start_processes
 
 
 def main() -> None:
-    code = "import signal; print('up', flush=True); signal.pause()"
+    code = "import os, signal; os.write(1, b'up\\n'); signal.pause()"  # one atomic write
     pc = start_processes(
         name="trainer",
         entrypoint=sys.executable,
