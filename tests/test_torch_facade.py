@@ -250,6 +250,26 @@ def test_binary_failure_closes_peers_and_counts_them_as_torch_does(tmp_path: Pat
     assert result.return_values == {}
 
 
+def test_record_writes_torch_format_for_a_binary_rank(tmp_path: Path) -> None:
+    """corral.torch.record in a script: torch's error-file format, read back by ProcessFailure."""
+    code = (
+        "from corral.torch import record\n"
+        "@record\n"
+        "def main():\n"
+        "    raise ValueError('bad input')\n"
+        "main()\n"
+    )
+    exe, args = python(code)
+    envs = {0: {"PYTHONPATH": str(SRC)}}
+    pc = start_processes("bin", exe, {0: args}, envs, DefaultLogsSpecs(str(tmp_path)))
+    failure = finished(pc).failures[0]
+    assert failure.exitcode == 1
+    on_disk = json.loads(Path(failure.error_file).read_text())
+    assert on_disk["message"]["message"] == "ValueError: bad input"
+    assert failure.message == on_disk["message"]  # torch's ProcessFailure keeps the dict
+    assert failure.timestamp == int(on_disk["message"]["extraInfo"]["timestamp"])
+
+
 def test_binary_success_gives_none_per_rank(tmp_path: Path) -> None:
     """Binaries have no return value: {rank: None} on success, as torch reports."""
     exe, args = python("print('hi')")
