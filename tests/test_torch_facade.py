@@ -324,6 +324,22 @@ def test_tee_prefixes_and_duplicate_filters(
     assert all(t.stopped() for t in pc._tail_logs)
 
 
+def test_local_ranks_filter_keeps_other_ranks_off_the_console(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Ranks outside local_ranks_filter: teed streams only in files, the rest not shown."""
+    specs = DefaultLogsSpecs(str(tmp_path), tee={0: Std.OUT, 1: Std.OUT}, local_ranks_filter={0})
+    envs = {0: {"RANK": "0"}, 1: {"RANK": "1"}}
+    pc = start_processes("t", torch_fns.echo, {0: ("a",), 1: ("b",)}, envs, specs)
+    result = finished(pc)
+    out, err = capfd.readouterr()
+    assert "[t0]:a stdout from 0\n" in out
+    assert "from 1" not in out + err
+    assert "a stderr from 0\n" in err  # rank 0's stderr: not redirected, on the console
+    assert Path(result.stdouts[1]).read_text() == "b stdout from 1\n"
+    assert result.stderrs[1] == os.devnull  # as PyTorch reports it (corral keeps a file)
+
+
 def test_a_context_that_never_started_closes_cleanly(tmp_path: Path) -> None:
     """A context built but not started (torch's constructors allow it) closes cleanly."""
     mpc = MultiprocessContext(

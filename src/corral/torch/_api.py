@@ -238,6 +238,9 @@ class DefaultLogsSpecs(LogsSpecs):
                     dest.tee_stdouts[rank] = dest.stdouts[rank]
                 if tees[rank] & Std.ERR:
                     dest.tee_stderrs[rank] = dest.stderrs[rank]
+            else:  # not shown: teed streams go to their files only, the others nowhere
+                for streams in (dest.stdouts, dest.stderrs):
+                    streams[rank] = streams[rank] or os.devnull
             dest.error_files[rank] = os.path.join(folder, "error.json")
             envs[rank]["TORCHELASTIC_ERROR_FILE"] = dest.error_files[rank]
         return dest

@@ -276,6 +276,10 @@ class PContext:
             for key, path in given.items():
                 if key != "error" and not path:
                     continue
+                if key != "error" and path == os.devnull:
+                    # Discarded by PyTorch; corral keeps it in the rank's file instead.
+                    redirect |= CoreStd.OUT if key == "stdout" else CoreStd.ERR
+                    continue
                 if Path(path) != expected[key]:
                     raise ValueError(
                         f"corral.torch needs every rank's files in {{folder}}/{{rank}}/"
