@@ -48,3 +48,8 @@ LATENCY = (
 def trivial(x: int = 0) -> int:
     """The callable of the callables scenario."""
     return x + 1
+
+
+def answer() -> int:
+    """A function rank returning a small value (torch_facade.py)."""
+    return 42

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""corral.torch against torch.distributed.elastic.multiprocessing: the same calls, timed.
+
+Usage::
+
+    python benchmarks/torch_facade.py               # 5 runs per case, 4 ranks
+    python benchmarks/torch_facade.py --repeat 10 --nprocs 8
+
+Both modules get the same ``start_processes(...)`` call; only the import
+differs. Cases (median wall time, ms):
+
+* ``start+wait (binary)``: N ranks of ``python -c pass``: start -> ``wait()`` returns.
+* ``start+wait (function)``: N ranks of a module-level function returning a
+  small value (corral: a fresh interpreter importing only the function's
+  module; torch: ``spawn``, whose ranks import torch for its ``_wrap``).
+* ``failure detection``: once started, rank 0 is released (FIFO) just as
+  ``wait(period=...)`` begins; it writes ``time.time()`` and exits 3 while
+  the others sleep; that moment -> ``wait`` returns the failure (torch's
+  default ``period=1``, and ``period=0.1`` as PyTorch's tests use). A failure
+  at a random moment waits half a period on average under torch.
+* ``close``: N sleeping ranks (started, each has said ``up`` through a FIFO)
+  -> ``close()`` returns with every rank reaped.
+
+Needs torch (``pip install 'corral[bench]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import corral.torch as ct
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _workloads import answer
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import ModuleType
+
+PY = sys.executable
+FAIL = (
+    "import sys, time; open(sys.argv[2]).read();"
+    "open(sys.argv[1], 'w').write(repr(time.time())); sys.exit(3)"
+)
+SLEEP = "import time; time.sleep(600)"
+UP = "import sys, time; open(sys.argv[1], 'w').write('up'); time.sleep(600)"
+
+
+def start(
+    mod: ModuleType, entry: Callable[..., object] | str, args: dict[int, tuple[object, ...]]
+) -> Any:
+    envs: dict[int, dict[str, str]] = {r: {} for r in args}
+    specs = mod.DefaultLogsSpecs(log_dir=tempfile.mkdtemp(prefix="bench-torch-"))
+    return mod.start_processes("bench", entry, args, envs, specs)
+
+
+def start_wait_binary(mod: ModuleType, n: int) -> float:
+    t0 = time.perf_counter()
+    pc = start(mod, PY, dict.fromkeys(range(n), ("-S", "-c", "pass")))
+    result = pc.wait(period=0.01)
+    assert result is not None
+    assert not result.is_failed()
+    return (time.perf_counter() - t0) * 1000
+
+
+def start_wait_function(mod: ModuleType, n: int) -> float:
+    t0 = time.perf_counter()
+    pc = start(mod, answer, dict.fromkeys(range(n), ()))
+    result = pc.wait(period=0.01)
+    assert result is not None
+    assert not result.is_failed()
+    return (time.perf_counter() - t0) * 1000
+
+
+def failure_detection(mod: ModuleType, n: int, period: float) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        stamp, go = Path(tmp) / "t", Path(tmp) / "go"
+        os.mkfifo(go)
+        args: dict[int, tuple[object, ...]] = {0: ("-S", "-c", FAIL, stamp, go)}
+        args.update(dict.fromkeys(range(1, n), ("-S", "-c", SLEEP)))
+        pc = start(mod, PY, args)
+        go.write_text("")  # rank 0 fails now, as wait() begins
+        result = pc.wait(period=period)
+        seen = time.time()
+        assert result is not None
+        assert result.is_failed()
+        return (seen - float(stamp.read_text())) * 1000
+
+
+def close(mod: ModuleType, n: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        fifos = [Path(tmp) / f"up{r}" for r in range(n)]
+        for f in fifos:
+            os.mkfifo(f)
+        pc = start(mod, PY, {r: ("-S", "-c", UP, fifos[r]) for r in range(n)})
+        for f in fifos:  # each rank is running its body
+            assert f.read_text() == "up"
+        t0 = time.perf_counter()
+        pc.close()
+        return (time.perf_counter() - t0) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--nprocs", type=int, default=4)
+    opts = parser.parse_args()
+    # Imported here, not at the top: torch's spawn re-imports this script in
+    # every function rank, which must not cost torch's import twice.
+    import torch.distributed.elastic.multiprocessing as tem
+
+    n = opts.nprocs
+    cases: list[tuple[str, Callable[[ModuleType], float]]] = [
+        ("start+wait (binary)", lambda m: start_wait_binary(m, n)),
+        ("start+wait (function)", lambda m: start_wait_function(m, n)),
+        ("failure detection, period=1", lambda m: failure_detection(m, n, 1.0)),
+        ("failure detection, period=0.1", lambda m: failure_detection(m, n, 0.1)),
+        ("close", lambda m: close(m, n)),
+    ]
+    print(f"{n} ranks, median of {opts.repeat} runs (ms); ratio = torch / corral.torch")
+    print(f"{'case':32} {'corral.torch':>12} {'torch':>10} {'ratio':>7}")
+    for name, case in cases:
+        ours = statistics.median(case(ct) for _ in range(opts.repeat))
+        theirs = statistics.median(case(tem) for _ in range(opts.repeat))
+        print(f"{name:32} {ours:12.1f} {theirs:10.1f} {theirs / ours:7.1f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,581 @@
+"""``PContext`` and ``start_processes``: PyTorch's synchronous API over corral's core.
+
+Each context drives one corral ``Group`` on corral's private event loop (the
+``corral-loop`` thread of ``_bridge.core_loop``). The caller's thread only
+submits coroutines there and waits for their futures, so:
+
+* ``wait(timeout, period)`` waits on the group's completion future with a
+  timeout: a failure is seen when the rank exits, not at the next ``period``
+  (accepted, unused). Blocking there is interruptible by the main thread's
+  signal handlers (``SignalException``), as PyTorch's ``time.sleep`` is.
+* The tee (``log_line_prefixes``) and the duplicate-filter files are fed from
+  ``group.lines()`` on the loop and written by one writer thread per context,
+  so a slow console never stalls the loop. The streams are corral-watched
+  (files get every byte) rather than corral-teed, because PyTorch's prefixes
+  are per rank.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import errno
+import logging
+import os
+import queue
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, TextIO, TypeVar
+
+from .. import _bridge
+from .._group import spawn
+from .._std import Std as CoreStd
+from ._api import (
+    LogsSpecs,
+    ProcessFailure,
+    RunProcsResult,
+    terminate_handler,
+    validate_full_rank,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine, Mapping
+
+    from .._group import Group
+    from .._result import Result
+
+__all__ = ("MultiprocessContext", "PContext", "SubprocessContext", "start_processes")
+
+log = logging.getLogger("corral")
+T = TypeVar("T")
+
+#: The start methods PyTorch accepts; corral runs every one as ``spawn``.
+START_METHODS: Final = ("spawn", "fork", "forkserver")
+#: Lines a tee may fall behind before it skips some (the log files keep all).
+TEE_BACKLOG: Final = 100_000
+_STREAMS: Final = (("stdout", "out", CoreStd.OUT), ("stderr", "err", CoreStd.ERR))
+
+
+class _TailLog:
+    """What PyTorch's ``TailLog`` shows of a tee: ``stopped()`` once it has written all."""
+
+    def __init__(self, name: str, done: threading.Event) -> None:
+        self.name = name
+        self._done = done
+
+    def stopped(self) -> bool:
+        """True once every line has been written (or the context never started)."""
+        return self._done.is_set()
+
+    def __repr__(self) -> str:
+        return f"<TailLog {self.name} stopped={self.stopped()}>"
+
+
+#: An item for the writer thread: (destination, text), or ``None`` at the end.
+_Item = tuple[TextIO, str] | None
+
+
+class _Writer:
+    """One thread per context writing tee lines in arrival order; never touches the loop."""
+
+    def __init__(self, files: list[TextIO]) -> None:
+        self.queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self.done = threading.Event()
+        self._files = files
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="corral-torch-tee", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (item := self.queue.get()) is not None:
+                dest, text = item
+                try:
+                    dest.write(text)
+                    dest.flush()
+                except (OSError, ValueError):  # a closed console: the log files have it
+                    pass
+        finally:
+            for f in self._files:
+                f.close()
+            self.done.set()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        else:
+            for f in self._files:
+                f.close()
+            self.done.set()
+
+
+class PContext:
+    """A group of ranks started by :func:`start_processes` (PyTorch's ``PContext``).
+
+    Attributes:
+        name, entrypoint, args, envs, nprocs: as given.
+        stdouts, stderrs: rank -> log file path (``""``: not redirected).
+        error_files: rank -> error file path.
+        filtered_stdout, filtered_stderr: path of the duplicate-filter file,
+            or ``None`` without filters (PyTorch 2.13 holds an open file there).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        entrypoint: Callable[..., object] | str,
+        args: dict[int, tuple[object, ...]],
+        envs: dict[int, dict[str, str]],
+        logs_specs: LogsSpecs,
+        log_line_prefixes: dict[int, str] | None = None,
+        duplicate_stdout_filters: list[str] | None = None,
+        duplicate_stderr_filters: list[str] | None = None,
+    ) -> None:
+        self.name = name
+        nprocs = len(args)
+        logs_dest = logs_specs.reify(envs)
+        validate_full_rank(logs_dest.stdouts, nprocs, "stdouts")
+        validate_full_rank(logs_dest.stderrs, nprocs, "stderrs")
+        self.entrypoint = entrypoint
+        self.args = args
+        self.envs = envs
+        self.stdouts = logs_dest.stdouts
+        self.stderrs = logs_dest.stderrs
+        self.error_files = logs_dest.error_files
+        self.nprocs = nprocs
+        self._tee_ranks = {"out": set(logs_dest.tee_stdouts), "err": set(logs_dest.tee_stderrs)}
+        self._prefixes = {
+            rank: (log_line_prefixes or {}).get(rank, f"[{name}{rank}]:") for rank in range(nprocs)
+        }
+        self._consoles: dict[str, TextIO] = {"out": sys.stdout, "err": sys.stderr}
+        self._filters: dict[str, tuple[str, ...]] = {}
+        files: list[TextIO] = []
+        self._filtered: dict[str, TextIO] = {}
+        self.filtered_stdout: str | None = None
+        self.filtered_stderr: str | None = None
+        for stream, path, needles in (
+            ("out", logs_dest.filtered_stdout, duplicate_stdout_filters),
+            ("err", logs_dest.filtered_stderr, duplicate_stderr_filters),
+        ):
+            if needles:
+                f = open(path, "w", errors="replace", buffering=1)  # noqa: SIM115 - the writer closes it
+                files.append(f)
+                self._filtered[stream] = f
+                self._filters[stream] = tuple(needles)
+                if stream == "out":
+                    self.filtered_stdout = path
+                else:
+                    self.filtered_stderr = path
+        self._writer = _Writer(files)
+        self._tail_logs = [
+            _TailLog("stdout", self._writer.done),
+            _TailLog("stderr", self._writer.done),
+        ]
+        self._tail_logs += [_TailLog(f"filtered_std{s}", self._writer.done) for s in self._filters]
+        self._group: Group | None = None
+        self._finished: concurrent.futures.Future[Result] | None = None
+        self._pids: dict[int, int] = {}
+        self._result: RunProcsResult | None = None
+        self._close_lock = threading.Lock()
+
+    # -- PyTorch's API ------------------------------------------------------------
+    def start(self) -> None:
+        """Install the signal handlers (main thread only, as PyTorch) and start the ranks."""
+        if threading.current_thread() is threading.main_thread():
+            names = os.environ.get(
+                "TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+            )
+            for sig_name in names.split(","):
+                try:
+                    signal.signal(getattr(signal, sig_name.strip()), terminate_handler)
+                except (AttributeError, ValueError, RuntimeError):
+                    log.warning("Failed to register signal handler for %s", sig_name, exc_info=True)
+        else:
+            log.warning(
+                "corral.torch: not on the main thread, so no signal handlers were installed "
+                "(the ranks still die with this process: corral contains them)"
+            )
+        self._start()
+
+    def wait(self, timeout: float = -1, period: float = 1) -> RunProcsResult | None:
+        """Wait up to ``timeout`` seconds (negative: forever; 0: poll) for the group's end.
+
+        Returns ``None`` while ranks still run; else the result (every rank
+        reaped, the group closed, the tee written). ``period`` is accepted for
+        compatibility and unused: the wait is woken by the ranks' exit.
+        """
+        finished = self._finished
+        if finished is None:
+            raise RuntimeError("wait() before start(): call start_processes() or start()")
+        try:
+            result = finished.result(None if timeout < 0 else timeout)
+        except concurrent.futures.TimeoutError:
+            return None
+        return self._conclude(result)
+
+    def pids(self) -> dict[int, int]:
+        """rank -> pid of every rank started (kept after they exit)."""
+        return dict(self._pids)
+
+    def close(self, death_sig: signal.Signals | None = None, timeout: int = 30) -> None:
+        """Send ``death_sig`` (default SIGTERM), SIGKILL after ``timeout`` seconds, reap all."""
+        sig = death_sig or signal.SIGTERM
+        group, finished = self._group, self._finished
+        if group is None or finished is None:
+            self._writer.join()
+            return
+        if not finished.done():
+            _call(group.close(timeout, sig=sig))
+        self._conclude(finished.result())
+
+    # -- corral ---------------------------------------------------------------
+    def _start(self) -> None:
+        if self._group is not None:
+            raise ValueError(
+                "The context is already started. Most likely start() got called twice."
+            )
+        options = self._spawn_options()
+        self._writer.start()
+        try:
+            self._group, self._finished, self._pids = _call(self._open(options))
+        except BaseException:
+            self._writer.queue.put(None)
+            self._writer.join()
+            raise
+
+    def _entry(self) -> Callable[..., object] | str:
+        return self.entrypoint
+
+    def _rank_args(self) -> dict[int, tuple[object, ...]]:
+        return {rank: tuple(self.args[rank]) for rank in range(self.nprocs)}
+
+    def _spawn_options(self) -> dict[str, object]:
+        """corral's keywords for this context (the log files must follow corral's layout)."""
+        base = Path(self.error_files[0]).parent.parent if self.nprocs else None
+        redirects: dict[int, CoreStd] = {}
+        watch: dict[int, CoreStd] = {}
+        for rank in range(self.nprocs):
+            assert base is not None
+            expected = {
+                "error": base / str(rank) / "error.json",
+                "stdout": base / str(rank) / "stdout.log",
+                "stderr": base / str(rank) / "stderr.log",
+            }
+            given = {
+                "error": self.error_files[rank],
+                "stdout": self.stdouts[rank],
+                "stderr": self.stderrs[rank],
+            }
+            redirect = CoreStd.NONE
+            for key, path in given.items():
+                if key != "error" and not path:
+                    continue
+                if key != "error" and path == os.devnull:
+                    # Discarded by PyTorch; corral keeps it in the rank's file instead.
+                    redirect |= CoreStd.OUT if key == "stdout" else CoreStd.ERR
+                    continue
+                if Path(path) != expected[key]:
+                    raise ValueError(
+                        f"corral.torch needs every rank's files in {{folder}}/{{rank}}/"
+                        f"(stdout.log, stderr.log, error.json) as DefaultLogsSpecs makes "
+                        f"them; rank {rank}'s {key} file is {path}"
+                    )
+                if key == "stdout":
+                    redirect |= CoreStd.OUT
+                elif key == "stderr":
+                    redirect |= CoreStd.ERR
+            folder = base / str(rank)
+            with contextlib.suppress(OSError):  # a LogsSpecs that made it (PyTorch's): empty
+                folder.rmdir()
+            redirects[rank] = redirect
+            shown = CoreStd.NONE
+            for _, stream, flag in _STREAMS:
+                if rank in self._tee_ranks[stream]:
+                    shown |= flag
+            watch[rank] = shown & redirect
+        return {
+            "nprocs": self.nprocs,
+            "args": self._rank_args(),
+            "envs": self.envs,
+            "log_dir": base,
+            "redirects": redirects,
+            "watch": watch,
+            "tee": CoreStd.NONE,
+            "grace": 30.0,
+        }
+
+    async def _open(
+        self, options: Mapping[str, object]
+    ) -> tuple[Group, concurrent.futures.Future[Result], dict[int, int]]:
+        """On the corral loop: subscribe the tee, start the ranks, schedule the finish."""
+        group = spawn(self._entry(), **options)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        streams = [s for s in ("out", "err") if self._tee_ranks[s]]
+        consumers = [loop.create_task(self._tee(group, s)) for s in streams]
+        await asyncio.sleep(0)  # each consumer subscribes before any rank writes
+        try:
+            await group.start()
+        except BaseException:
+            for consumer in consumers:
+                consumer.cancel()
+            await asyncio.gather(*consumers, return_exceptions=True)
+            raise
+        task = loop.create_task(self._finish(group, consumers), name="corral-torch-finish")
+        finished: concurrent.futures.Future[Result] = concurrent.futures.Future()
+
+        def relay(t: asyncio.Task[Result]) -> None:
+            if t.cancelled():
+                finished.cancel()
+            elif (exc := t.exception()) is not None:
+                finished.set_exception(exc)
+            else:
+                finished.set_result(t.result())
+
+        task.add_done_callback(relay)
+        return group, finished, dict(group.pids)
+
+    async def _tee(self, group: Group, stream: str) -> None:
+        """Copy one stream's teed lines, prefixed, to the console and the filter file."""
+        put = self._writer.queue.put
+        console = self._consoles[stream]
+        needles = self._filters.get(stream, ())
+        filtered = self._filtered.get(stream)
+        async for line in group.lines(sorted(self._tee_ranks[stream]), stream, maxsize=TEE_BACKLOG):
+            text = line.data.decode(errors="replace")
+            if not text.endswith("\n"):
+                text += "\n"
+            prefixed = f"{self._prefixes[line.rank]}{text}"
+            if line.missed:
+                put(
+                    (
+                        console,
+                        f"[corral: the tee skipped {line.missed} lines of rank {line.rank}]\n",
+                    )
+                )
+            put((console, prefixed))
+            if filtered is not None and any(n in text for n in needles):
+                put((filtered, prefixed))
+
+    async def _finish(self, group: Group, consumers: list[asyncio.Task[None]]) -> Result:
+        """Wait for the group's end, close it, let the tee drain, end the writer."""
+        try:
+            await group.wait()
+        finally:
+            result = await group.close()
+            await asyncio.gather(*consumers, return_exceptions=True)
+            self._writer.queue.put(None)
+        return result
+
+    def _conclude(self, result: Result) -> RunProcsResult:
+        """The PyTorch view of corral's Result (computed once), after the tee is written."""
+        with self._close_lock:
+            if self._result is None:
+                self._writer.join()
+                self._result = self._torch_result(result)
+            return self._result
+
+    def _torch_result(self, result: Result) -> RunProcsResult:
+        raise NotImplementedError
+
+    def _failure(self, result: Result, rank: int) -> ProcessFailure:
+        failure = ProcessFailure(
+            local_rank=rank,
+            pid=result.pids.get(rank, self._pids.get(rank, -1)),
+            exitcode=result.exit_codes[rank],
+            error_file=self.error_files[rank],
+        )
+        own = result.failures.get(rank)
+        if own is not None and failure.error_file_data.get("message") == "<NONE>":
+            failure.timestamp = int(own.timestamp)  # when it exited, not when asked
+        return failure
+
+
+class MultiprocessContext(PContext):
+    """Ranks that run a Python function (PyTorch's ``MultiprocessContext``).
+
+    Every ``start_method`` (``spawn``, ``fork``, ``forkserver``) runs each rank
+    in a fresh interpreter, as ``spawn`` does: the function and its arguments
+    must be picklable by reference; nothing else of the parent is inherited.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        entrypoint: Callable[..., object],
+        args: dict[int, tuple[object, ...]],
+        envs: dict[int, dict[str, str]],
+        start_method: str,
+        logs_specs: LogsSpecs,
+        log_line_prefixes: dict[int, str] | None = None,
+        numa_options: object = None,
+        duplicate_stdout_filters: list[str] | None = None,
+        duplicate_stderr_filters: list[str] | None = None,
+    ) -> None:
+        if start_method not in START_METHODS:
+            raise ValueError(f"cannot find context for {start_method!r}")
+        super().__init__(
+            name,
+            entrypoint,
+            args,
+            envs,
+            logs_specs,
+            log_line_prefixes,
+            duplicate_stdout_filters,
+            duplicate_stderr_filters,
+        )
+        self.start_method = start_method
+
+    def _torch_result(self, result: Result) -> RunProcsResult:
+        # PyTorch reports one failure: the first rank seen failing (here the
+        # root cause), else a rank its own close() ended (exit code != 0).
+        failed: int | None = None
+        root = result.root_cause
+        if root is not None and root.rank in result.exit_codes:
+            failed = root.rank
+        else:
+            failed = next((r for r, c in sorted(result.exit_codes.items()) if c != 0), None)
+        if failed is not None:
+            return RunProcsResult(
+                failures={failed: self._failure(result, failed)},
+                stdouts=self.stdouts,
+                stderrs=self.stderrs,
+            )
+        return RunProcsResult(
+            return_values=dict(result.return_values), stdouts=self.stdouts, stderrs=self.stderrs
+        )
+
+
+class SubprocessContext(PContext):
+    """Ranks that run an executable (PyTorch's ``SubprocessContext``).
+
+    As PyTorch does, every rank that ended with a non-zero code is a
+    failure, including ranks ended by the close that followed another rank's
+    failure (corral's own ``Result`` lists those as ``terminated``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        entrypoint: str,
+        args: dict[int, tuple[object, ...]],
+        envs: dict[int, dict[str, str]],
+        logs_specs: LogsSpecs,
+        log_line_prefixes: dict[int, str] | None = None,
+        numa_options: object = None,
+        duplicate_stdout_filters: list[str] | None = None,
+        duplicate_stderr_filters: list[str] | None = None,
+    ) -> None:
+        super().__init__(
+            name,
+            entrypoint,
+            args,
+            envs,
+            logs_specs,
+            log_line_prefixes,
+            duplicate_stdout_filters,
+            duplicate_stderr_filters,
+        )
+
+    def _rank_args(self) -> dict[int, tuple[object, ...]]:
+        return {rank: tuple(str(a) for a in self.args[rank]) for rank in range(self.nprocs)}
+
+    def _start(self) -> None:
+        _check_executable(str(self.entrypoint), self.envs.get(0, {}))
+        super()._start()
+
+    def _torch_result(self, result: Result) -> RunProcsResult:
+        failures = {
+            rank: self._failure(result, rank)
+            for rank, code in sorted(result.exit_codes.items())
+            if code != 0
+        }
+        return RunProcsResult(
+            return_values={} if failures else dict.fromkeys(range(self.nprocs)),
+            failures=failures,
+            stdouts=self.stdouts,
+            stderrs=self.stderrs,
+        )
+
+
+def _check_executable(program: str, env: Mapping[str, str]) -> None:
+    """Raise as ``subprocess.Popen`` would for a program that cannot be executed.
+
+    corral itself reports a missing executable as a failed rank (exit 127);
+    PyTorch raises from ``start_processes``.
+    """
+    if os.sep in program:
+        found: str | None = program if os.path.exists(program) else None
+    else:
+        found = shutil.which(program, path=env.get("PATH", os.environ.get("PATH")))
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+    if not os.access(found, os.X_OK) or os.path.isdir(found):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
+
+
+def _call(coro: Coroutine[object, object, T]) -> T:
+    """Run ``coro`` on corral's loop thread and block this thread until it ends."""
+    return asyncio.run_coroutine_threadsafe(coro, _bridge.core_loop()).result()
+
+
+def start_processes(
+    name: str,
+    entrypoint: Callable[..., object] | str,
+    args: dict[int, tuple[object, ...]],
+    envs: dict[int, dict[str, str]],
+    logs_specs: LogsSpecs,
+    log_line_prefixes: dict[int, str] | None = None,
+    start_method: str = "spawn",
+    numa_options: object = None,
+    duplicate_stdout_filters: list[str] | None = None,
+    duplicate_stderr_filters: list[str] | None = None,
+) -> PContext:
+    """Start ``len(args)`` copies of ``entrypoint`` (a function or an executable).
+
+    PyTorch's signature and behaviour; see the README for the differences.
+
+    Raises:
+        RuntimeError: ``args`` and ``envs`` do not both name ranks 0..n-1.
+        FileNotFoundError: the executable does not exist.
+    """
+    nprocs = len(args)
+    validate_full_rank(args, nprocs, "args")
+    validate_full_rank(envs, nprocs, "envs")
+    context: PContext
+    if isinstance(entrypoint, str):
+        context = SubprocessContext(
+            name=name,
+            entrypoint=entrypoint,
+            args=args,
+            envs=envs,
+            logs_specs=logs_specs,
+            log_line_prefixes=log_line_prefixes,
+            numa_options=numa_options,
+            duplicate_stdout_filters=duplicate_stdout_filters,
+            duplicate_stderr_filters=duplicate_stderr_filters,
+        )
+    else:
+        context = MultiprocessContext(
+            name=name,
+            entrypoint=entrypoint,
+            args=args,
+            envs=envs,
+            start_method=start_method,
+            logs_specs=logs_specs,
+            log_line_prefixes=log_line_prefixes,
+            numa_options=numa_options,
+            duplicate_stdout_filters=duplicate_stdout_filters,
+            duplicate_stderr_filters=duplicate_stderr_filters,
+        )
+    try:
+        context.start()
+    except BaseException:
+        context.close()
+        raise
+    return context

@@ -1,0 +1,39 @@
+"""A supervisor using corral.torch as PyTorch's agent does: SIGTERM -> SignalException -> close.
+
+Prints ``pids <supervisor> <rank pids...>`` once its ranks run, then waits;
+on ``SignalException`` it closes with that signal and prints
+``closed <signal name> <exit codes>``.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+
+from corral.torch import DefaultLogsSpecs, SignalException, start_processes
+
+
+def main() -> None:
+    code = "import os, signal; os.write(1, b'up\\n'); signal.pause()"  # one atomic write
+    pc = start_processes(
+        name="trainer",
+        entrypoint=sys.executable,
+        args={0: ("-c", code), 1: ("-c", code)},
+        envs={0: {}, 1: {}},
+        logs_specs=DefaultLogsSpecs(log_dir=tempfile.mkdtemp()),
+    )
+    import os
+
+    print("pids", os.getpid(), *pc.pids().values(), flush=True)
+    try:
+        pc.wait(timeout=60)
+    except SignalException as e:
+        pc.close(e.sigval, timeout=5)
+        result = pc.wait(0)
+        assert result is not None
+        codes = sorted(f.exitcode for f in result.failures.values())
+        print("closed", e.sigval.name, *codes, flush=True)
+
+
+if __name__ == "__main__":
+    main()
