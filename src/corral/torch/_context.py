@@ -43,9 +43,10 @@ from ._api import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine, Mapping
+    from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 
     from .._group import Group
+    from .._lines import Line
     from .._result import Result
 
 __all__ = ("MultiprocessContext", "PContext", "SubprocessContext", "start_processes")
@@ -317,8 +318,13 @@ class PContext:
         group = spawn(self._entry(), **options)  # type: ignore[arg-type]
         loop = asyncio.get_running_loop()
         streams = [s for s in ("out", "err") if self._tee_ranks[s]]
-        consumers = [loop.create_task(self._tee(group, s)) for s in streams]
-        await asyncio.sleep(0)  # each consumer subscribes before any rank writes
+        # Subscribed here, before any rank starts: no line is missed.
+        consumers = [
+            loop.create_task(
+                self._tee(group.lines(sorted(self._tee_ranks[s]), s, maxsize=TEE_BACKLOG), s)
+            )
+            for s in streams
+        ]
         try:
             await group.start()
         except BaseException:
@@ -340,13 +346,13 @@ class PContext:
         task.add_done_callback(relay)
         return group, finished, dict(group.pids)
 
-    async def _tee(self, group: Group, stream: str) -> None:
+    async def _tee(self, lines: AsyncIterator[Line], stream: str) -> None:
         """Copy one stream's teed lines, prefixed, to the console and the filter file."""
         put = self._writer.queue.put
         console = self._consoles[stream]
         needles = self._filters.get(stream, ())
         filtered = self._filtered.get(stream)
-        async for line in group.lines(sorted(self._tee_ranks[stream]), stream, maxsize=TEE_BACKLOG):
+        async for line in lines:
             text = line.data.decode(errors="replace")
             if not text.endswith("\n"):
                 text += "\n"
