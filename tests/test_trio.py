@@ -154,3 +154,60 @@ def test_a_cancelled_close_returns_only_once_every_rank_is_reaped(
 
     run_on(backend, body)
     assert pids
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_close_in_an_already_cancelled_scope_still_closes(backend: str, tmp_path: Path) -> None:
+    """start(), then close() from a scope cancelled before the call (a ``finally`` of a
+    cancelled block): the close still runs, hurried, and every rank is reaped."""
+    pids: dict[int, int] = {}
+
+    async def body() -> None:
+        group = corral.spawn(python("import time; time.sleep(600)"), nprocs=2, log_dir=tmp_path)
+        await group.start()
+        pids.update(group.pids)
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await group.close(grace=60)
+        result = group.poll()
+        assert result is not None
+        assert result.terminated == {0, 1}
+
+    run_on(backend, body)
+    for pid in pids.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_a_call_that_finished_is_not_lost_to_a_late_cancellation() -> None:
+    """The asyncio side finished, then trio's scope is cancelled before the caller
+    woke: the result is handed over (the next checkpoint raises), never dropped."""
+    import threading
+
+    from corral import _bridge
+
+    finished = threading.Event()
+
+    async def work() -> str:
+        finished.set()
+        return "started group"
+
+    got: list[str] = []
+
+    async def body() -> None:
+        async def caller(scope: trio.CancelScope) -> None:
+            with scope:
+                got.append(await _bridge.run_on_core(work()))
+                await trio.lowlevel.checkpoint()
+                got.append("not reached")
+
+        scope = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(caller, scope)
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
+            finished.wait(10)  # blocks trio: the wake-up cannot run before the cancel
+            scope.cancel()
+
+    trio.run(body)
+    assert got == ["started group"]

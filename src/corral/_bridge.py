@@ -124,7 +124,10 @@ async def run_on_core(coro: Coroutine[Any, Any, T], *, shield: bool = False) -> 
 
     def cancel() -> None:  # on the corral loop, always after start()
         assert task is not None
-        task.cancel()
+        # After the task's first step (already queued): as under asyncio, where an
+        # awaited coroutine runs until its first suspension before a cancellation
+        # lands, a cancelled close() always gets to start closing.
+        loop.call_soon(task.cancel)
 
     loop.call_soon_threadsafe(start)
     try:
@@ -137,7 +140,11 @@ async def run_on_core(coro: Coroutine[Any, Any, T], *, shield: bool = False) -> 
         loop.call_soon_threadsafe(cancel)
         with trio.CancelScope(shield=True):
             await done.wait()
-        raise
+        if outcome[0].cancelled():
+            raise
+        # The call finished before the cancellation reached it: its outcome is
+        # not lost (a started group is handed over, to be closed by its block);
+        # the scope stays cancelled, so trio's next checkpoint raises.
     finished = outcome[0]
     if finished.cancelled():
         raise CorralError("corral's loop cancelled a call that was not cancelled")
