@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
@@ -298,16 +299,21 @@ async def test_a_rank_not_ready_in_time_is_failed(tmp_path: Path) -> None:
 
 async def test_ready_by_a_write_to_the_ready_fd(tmp_path: Path) -> None:
     """ready_fd=True: a rank says it is ready by writing to $CORRAL_READY_FD (no output,
-    no corral import); a rank that closes it unwritten never is, and is failed in time;
-    every readiness pipe is closed with the group."""
-    fifo = tmp_path / "go"
-    os.mkfifo(fifo)
+    no corral import) and may write again (never SIGPIPE); a rank that closes it
+    unwritten is never ready, and ready() says so at once; every pipe closes with the
+    group."""
+    go, again = tmp_path / "go", tmp_path / "again"
+    os.mkfifo(go)
+    os.mkfifo(again)
     code = (
         "import os, time\n"
         "fd = int(os.environ['CORRAL_READY_FD'])\n"
         "if os.environ['RANK'] == '0':\n"
-        f"    open({str(fifo)!r}).read()\n"
+        f"    open({str(go)!r}).read()\n"
+        "    os.write(fd, b'R')\n"
+        f"    open({str(again)!r}).read()\n"
         "    os.write(fd, b'\\n')\n"
+        "    raise SystemExit(0)\n"
         "os.close(fd)\n"
         "time.sleep(600)\n"
     )
@@ -316,20 +322,38 @@ async def test_ready_by_a_write_to_the_ready_fd(tmp_path: Path) -> None:
         async with corral.spawn(
             python(code), nprocs=2, log_dir=tmp_path / "l", ready_fd=True, redirects="out", grace=5
         ) as group:
+            events = group.events()
             assert not any(e.kind == "ready" for e in group.history)
-            await asyncio.to_thread(fifo.write_text, "go")
+            await asyncio.to_thread(go.write_text, "go")
             await group.ready([0])
-            with pytest.raises(TimeoutError, match=r"\[1\] not ready within 0.5 s"):
-                await group.ready(fail_after=0.5)
-            result = await group.wait()
+            await asyncio.to_thread(again.write_text, "go")
+            async for event in events:
+                if event.kind == "exit" and event.rank == 0:
+                    assert event.exitcode == 0  # the second write did not break its pipe
+                    break
+            with pytest.raises(corral.CorralError, match=r"\[1\] closed \$CORRAL_READY_FD"):
+                await group.ready(fail_after=20)
+            result = await group.close()
     assert [e.rank for e in group.history if e.kind == "ready"] == [0]
-    assert set(result.failures) == {1}
-    assert "CORRAL_READY_FD" in result.failures[1].message
-    assert result.terminated == {0}
+    assert result.exit_codes[0] == 0
+    assert result.terminated == {1}
     assert (tmp_path / "l" / "0" / "stdout.log").read_text() == ""
     assert len(os.listdir("/proc/self/fd")) == fds  # every readiness pipe closed
     with pytest.raises(corral.ConfigError, match="ready_fd"):
         corral.spawn(python("pass"), nprocs=1, ready_fd=1)  # type: ignore[arg-type]
+
+
+async def test_a_rank_not_ready_by_its_fd_in_time_is_failed(tmp_path: Path) -> None:
+    """ready_fd and fail_after: a rank that keeps its fd open, unwritten, is failed as
+    not ready, naming what it did not do."""
+    async with asyncio.timeout(30):
+        async with corral.spawn(
+            python("import time; time.sleep(600)"), nprocs=1, log_dir=tmp_path, ready_fd=True
+        ) as group:
+            with pytest.raises(TimeoutError, match=r"no write to \$CORRAL_READY_FD"):
+                await group.ready(fail_after=0.3)
+            result = await group.wait()
+    assert result.failures[0].message == "not ready within 0.3 s (no write to $CORRAL_READY_FD)"
 
 
 async def test_ready_needs_a_way_to_say_it(tmp_path: Path) -> None:
@@ -346,5 +370,39 @@ async def test_ready_of_a_rank_that_exits_first(tmp_path: Path) -> None:
         async with corral.spawn(
             python("import sys; sys.exit(2)"), nprocs=1, log_dir=tmp_path, ready_line="up"
         ) as group:
-            with pytest.raises(corral.CorralError, match="ended before the ready line 'up'"):
+            with pytest.raises(
+                corral.CorralError, match="ended before saying ready \\(no 'up' on its stdout\\)"
+            ):
                 await group.ready()
+
+
+async def test_a_start_failing_midway_leaks_no_readiness_pipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ready_fd, and the third rank's log cannot be opened: the start fails cleanly and no
+    readiness pipe (of the started ranks or of the one that failed) is left open."""
+    from corral import _spawn
+
+    opened = _spawn._open_log
+    calls = 0
+
+    def third_fails(path: os.PathLike[str] | None) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return opened(path)
+
+    monkeypatch.setattr(_spawn, "_open_log", third_fails)
+    fds = len(os.listdir("/proc/self/fd"))
+    group = corral.spawn(
+        python("import time; time.sleep(600)"),
+        nprocs=3,
+        log_dir=tmp_path,
+        ready_fd=True,
+        redirects="out",
+    )
+    with pytest.raises(corral.CorralError, match="could not start the group"):
+        await group.start()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert "could not start the group" in str(group.history[-1].detail.get("error"))

@@ -154,6 +154,10 @@ class Attempt:
         self._hang_tasks: set[asyncio.Task[None]] = set()
         #: rank -> the read end of its readiness pipe, until it said ready or closed it.
         self._ready_fds: dict[int, int] = {}
+        #: Ranks that closed their readiness pipe unwritten (and have no ready line).
+        self._never_ready: set[int] = set()
+        #: Why the start failed midway (for the "closed" event), if it did.
+        self._start_error: str | None = None
         #: rank -> its pending hang deadline (cancelled when the attempt closes).
         self._hang_timers: dict[int, asyncio.TimerHandle] = {}
         #: rank -> resolved when the rank printed ``ready_line`` (started ranks only).
@@ -415,6 +419,9 @@ class Attempt:
         except BaseException as exc:
             # Roll back: nothing started may outlive a failed start, and no
             # descriptor either (a pipe no pump took yet is closed here).
+            if isinstance(exc, Exception):  # the "closed" event says why
+                why = _explain(exc) if isinstance(exc, OSError) else str(exc)
+                self._start_error = f"could not start the group: {why}"
             for fut in pending:
                 fut.cancel()
             if pending:
@@ -467,16 +474,27 @@ class Attempt:
         self._loop.add_reader(fd, self._on_ready_fd, r, fd)
 
     def _on_ready_fd(self, r: _Rank, fd: int) -> None:
-        """The rank's readiness pipe turned readable: a byte (ready) or end of file."""
+        """The rank's readiness pipe turned readable: bytes (ready) or end of file.
+
+        The pipe is read on until its end (or the group's close), so a rank
+        that writes again (``R`` then a newline, a later notice) never gets
+        SIGPIPE; only its first byte counts.
+        """
         try:
-            data = os.read(fd, 64)
+            data = os.read(fd, 4096)
         except BlockingIOError:
             return
         except OSError:
             data = b""
-        self._drop_ready_fd(r.plan.rank)
         if data:
             self._on_ready(r)
+            return
+        self._drop_ready_fd(r.plan.rank)
+        fut = self._ready.get(r.plan.rank)
+        if fut is not None and not fut.done() and self._plan.ready_line is None:
+            self._never_ready.add(r.plan.rank)  # closed unwritten: ready() says so at once
+            assert self._exits_changed is not None
+            self._exits_changed.set()
 
     def _drop_ready_fd(self, rank: int) -> None:
         fd = self._ready_fds.pop(rank, None)
@@ -492,10 +510,10 @@ class Attempt:
             self.events.emit("ready", rank=r.plan.rank, pid=r.pid)
 
     async def ready(self, ranks: Collection[int] | None, fail_after: float | None) -> None:
-        """Wait until every rank in ``ranks`` printed the ready line (see ``Group.ready``)."""
+        """Wait until every rank in ``ranks`` said it is ready (see ``Group.ready``)."""
         self._require_started("ready")
-        signal_ = _ready_signal(self._plan)
-        if signal_ is None:
+        missing = _ready_missing(self._plan)
+        if missing is None:
             raise ConfigError(
                 "ready() needs spawn(..., ready_line='TEXT') (a line ranks print) "
                 "or spawn(..., ready_fd=True) (ranks write to $CORRAL_READY_FD)"
@@ -513,10 +531,15 @@ class Attempt:
                 return
             gone = [r for r in pending if not self._ranks[r].alive]
             if gone:
-                raise CorralError(f"rank(s) {gone} ended before {signal_} (not ready)")
+                raise CorralError(f"rank(s) {gone} ended before saying ready (no {missing})")
+            closed = [r for r in pending if r in self._never_ready]
+            if closed:
+                raise CorralError(
+                    f"rank(s) {closed} closed $CORRAL_READY_FD without writing to it: never ready"
+                )
             left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= 0:
-                message = f"not ready within {fail_after} s (no {signal_})"
+                message = f"not ready within {fail_after} s (no {missing})"
                 self._fail(pending, message, "unready")
                 raise TimeoutError(f"rank(s) {pending} {message}: the group is closing")
             self._exits_changed.clear()
@@ -639,23 +662,24 @@ class Attempt:
         assert loop is not None
         contain = self._contain
         ended = False
-        await self._hangs_settled()
-        # From now on the pumps read to the end: a backed-up console must not
-        # block a rank writing its last words during the grace period.
-        for r in self._ranks:
-            for pump in r.pumps:
-                pump.closing()
-        if self.stacks_on_close and any(r.alive for r in self._ranks):
-            # What each live rank was doing, before it is signalled (bounded, never fails close).
-            # The grace period starts after it, unless a close shortened it meanwhile.
-            deadline, began = self._deadline, loop.time()
-            try:
-                await self.dump_stacks()
-            except Exception:
-                _log.exception("corral: could not dump the ranks' stacks")
-            if self._deadline == deadline:
-                self._deadline += loop.time() - began
         try:
+            await self._hangs_settled()
+            # From now on the pumps read to the end: a backed-up console must not
+            # block a rank writing its last words during the grace period.
+            for r in self._ranks:
+                for pump in r.pumps:
+                    pump.closing()
+            if self.stacks_on_close and any(r.alive for r in self._ranks):
+                # What each live rank was doing, before it is signalled (bounded, never
+                # fails close). The grace period starts after it, unless a close
+                # shortened it meanwhile.
+                deadline, began = self._deadline, loop.time()
+                try:
+                    await self.dump_stacks()
+                except Exception:
+                    _log.exception("corral: could not dump the ranks' stacks")
+                if self._deadline == deadline:
+                    self._deadline += loop.time() - began
             if contain is not None:  # None: the start failed before containing anything
                 contain.closing()
                 await contain.end(self, self._first_signal)
@@ -681,7 +705,10 @@ class Attempt:
             result = self._poll_result
         self._result = result
         if self.last:
-            self.events.close(result)
+            if self._start_error is None:
+                self.events.close(result)
+            else:
+                self.events.close(result, error=self._start_error)
         return result
 
     # -- what containment needs from the group (_contain.Ranks) ---------------------
@@ -786,13 +813,13 @@ def _fd_budget(plan: GroupPlan) -> int:
     return sum(per_rank) + 8  # + the watchdog's pipe, a rank's transient spawn pipes
 
 
-def _ready_signal(plan: GroupPlan) -> str | None:
-    """How the ranks say they are ready, in words (``None``: they cannot)."""
+def _ready_missing(plan: GroupPlan) -> str | None:
+    """What a rank that is not ready did not do, in words (``None``: it cannot say)."""
     ways = []
     if plan.ready_line is not None:
-        ways.append(f"the ready line {plan.ready_line.decode()!r} on its stdout")
+        ways.append(f"{plan.ready_line.decode()!r} on its stdout")
     if plan.ready_fd:
-        ways.append("a write to $CORRAL_READY_FD")
+        ways.append("write to $CORRAL_READY_FD")
     return " or ".join(ways) or None
 
 

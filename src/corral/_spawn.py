@@ -96,16 +96,18 @@ def start_rank(plan: GroupPlan, rank: RankPlan) -> Started | ExecFailed:
                 start_new_session=True,
             )
         except OSError as exc:
-            if ready is not None:
-                os.close(ready)
             failed = _exec_failed(exc, rank.argv[0])
             if failed is None:
                 raise
             return failed
+        started = Started(popen=popen, stdout=popen.stdout, stderr=popen.stderr, ready=ready)
+        ready = None  # the caller's now
+        return started
     finally:
         for fd in fds:
             os.close(fd)
-    return Started(popen=popen, stdout=popen.stdout, stderr=popen.stderr, ready=ready)
+        if ready is not None:  # no rank to say it: our end goes too
+            os.close(ready)
 
 
 def _exec_failed(exc: OSError, program: str) -> ExecFailed | None:

@@ -89,9 +89,10 @@ async def world_round(node: Node, attempt: Attempt, stop: Stop) -> tuple[Result,
         else:
             result = await attempt.wait()
         if not end_task.done():
-            await node.publish(result, closed=stop.requested())
+            closed = stop.requested()
+            await node.publish(result, closed=closed)
             await stop.or_done(end_task)
-            if not end_task.done():  # closed while other nodes still run: they stop
+            if not end_task.done() and not closed:  # closed while other nodes run: they stop
                 await node.publish_closed()
         end = await end_task
         await node.end_round()
