@@ -211,3 +211,52 @@ def test_a_call_that_finished_is_not_lost_to_a_late_cancellation() -> None:
 
     trio.run(body)
     assert got == ["started group"]
+
+
+def test_ctrl_c_under_trio_returns_only_once_the_close_has_finished(tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) while a close(grace=60) waits on a rank that survives SIGTERM:
+    trio's KeyboardInterrupt leaves trio.run only after the close hurried to SIGKILL
+    and reaped every rank."""
+    import signal
+
+    fifo = tmp_path / "term"
+    os.mkfifo(fifo)
+    code = (
+        "import signal, time\n"
+        f"def on_term(*_): open({str(fifo)!r}, 'w').write('t')\n"
+        "signal.signal(signal.SIGTERM, on_term)\n"
+        f"open({str(fifo)!r}, 'w').write('r')\n"
+        "while True: time.sleep(600)\n"
+    )
+    pids: dict[int, int] = {}
+    group = corral.spawn(python(code), nprocs=1, log_dir=tmp_path / "l")
+
+    async def body() -> None:
+        await group.start()
+        assert await trio.to_thread.run_sync(fifo.read_text) == "r"
+        pids.update(group.pids)
+
+        def wait_and_press() -> None:
+            assert fifo.read_text() == "t"
+            # From a worker thread, while trio idles: trio raises it in the main
+            # task, which is waiting in close().
+            os.kill(os.getpid(), signal.SIGINT)
+
+        async def press_ctrl_c() -> None:
+            await trio.to_thread.run_sync(wait_and_press)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(press_ctrl_c)
+            await group.close(60)
+
+    interrupted = False
+    try:
+        trio.run(body)
+    except* KeyboardInterrupt:  # out of the nursery, in a group
+        interrupted = True
+    assert interrupted
+    assert pids
+    for pid in pids.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert group.poll() is not None

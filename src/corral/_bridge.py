@@ -136,11 +136,18 @@ async def run_on_core(coro: Coroutine[Any, Any, T], *, shield: bool = False) -> 
                 await done.wait()
         else:
             await done.wait()
-    except trio.Cancelled:
-        loop.call_soon_threadsafe(cancel)
-        with trio.CancelScope(shield=True):
-            await done.wait()
-        if outcome[0].cancelled():
+    except (trio.Cancelled, KeyboardInterrupt) as exc:
+        # trio delivers Ctrl-C even inside a shielded scope: it is handled as a
+        # cancellation (a shielded call is left to finish), raised once it has.
+        if not shield:
+            loop.call_soon_threadsafe(cancel)
+        while not done.is_set():
+            try:
+                with trio.CancelScope(shield=True):
+                    await done.wait()
+            except KeyboardInterrupt:  # another Ctrl-C: the clean-up is bounded, wait on
+                continue
+        if isinstance(exc, KeyboardInterrupt) or outcome[0].cancelled():
             raise
         # The call finished before the cancellation reached it: its outcome is
         # not lost (a started group is handed over, to be closed by its block);
