@@ -32,6 +32,21 @@ def run_on(backend: str, fn: Callable[[], Awaitable[None]]) -> None:
     anyio.run(fn, backend=backend)
 
 
+def survives_sigterm(folder: Path) -> tuple[Path, str]:
+    """A FIFO and a rank's code: it writes "r" to the FIFO once its SIGTERM handler is
+    in, then "t" at each SIGTERM, which it survives (only SIGKILL ends it)."""
+    fifo = folder / "term"
+    os.mkfifo(fifo)
+    code = (
+        "import signal, time\n"
+        f"def on_term(*_): open({str(fifo)!r}, 'w').write('t')\n"
+        "signal.signal(signal.SIGTERM, on_term)\n"
+        f"open({str(fifo)!r}, 'w').write('r')\n"
+        "while True: time.sleep(600)\n"
+    )
+    return fifo, code
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_run_logs_every_byte(backend: str, tmp_path: Path) -> None:
     """corral.run: exit codes, return of a byte-exact log (no newline at the end)."""
@@ -125,15 +140,7 @@ def test_a_cancelled_close_returns_only_once_every_rank_is_reaped(
 ) -> None:
     """close(grace=60) on a rank that survives SIGTERM, cancelled mid-grace: the close
     SIGKILLs and reaps before the cancellation reaches the caller (never earlier)."""
-    fifo = tmp_path / "term"
-    os.mkfifo(fifo)
-    code = (
-        "import signal, time\n"
-        f"def on_term(*_): open({str(fifo)!r}, 'w').write('t')\n"
-        "signal.signal(signal.SIGTERM, on_term)\n"
-        f"open({str(fifo)!r}, 'w').write('r')\n"
-        "while True: time.sleep(600)\n"
-    )
+    fifo, code = survives_sigterm(tmp_path)
     pids: dict[int, int] = {}
 
     async def body() -> None:
@@ -219,15 +226,7 @@ def test_ctrl_c_under_trio_returns_only_once_the_close_has_finished(tmp_path: Pa
     and reaped every rank."""
     import signal
 
-    fifo = tmp_path / "term"
-    os.mkfifo(fifo)
-    code = (
-        "import signal, time\n"
-        f"def on_term(*_): open({str(fifo)!r}, 'w').write('t')\n"
-        "signal.signal(signal.SIGTERM, on_term)\n"
-        f"open({str(fifo)!r}, 'w').write('r')\n"
-        "while True: time.sleep(600)\n"
-    )
+    fifo, code = survives_sigterm(tmp_path)
     pids: dict[int, int] = {}
     group = corral.spawn(python(code), nprocs=1, log_dir=tmp_path / "l")
 
