@@ -20,9 +20,9 @@ import os
 import signal
 import time
 import warnings
-from typing import IO, TYPE_CHECKING, Any, Final
+from typing import IO, TYPE_CHECKING, Final
 
-from . import _contain, _platform, _stacks
+from . import _contain, _platform, _ready, _stacks
 from ._config import HEARTBEAT_FILE, GroupPlan, RankPlan, _grace
 from ._errors import ConfigError, CorralError
 from ._events import EventLog
@@ -152,16 +152,12 @@ class Attempt:
         self.events = EventLog()
         self.last = True
         self._hang_tasks: set[asyncio.Task[None]] = set()
-        #: rank -> the read end of its readiness pipe, until it said ready or closed it.
-        self._ready_fds: dict[int, int] = {}
-        #: Ranks that closed their readiness pipe unwritten (and have no ready line).
-        self._never_ready: set[int] = set()
+        #: Which ranks said they are ready (created at the start).
+        self._readiness: _ready.Readiness | None = None
         #: Why the start failed midway (for the "closed" event), if it did.
         self._start_error: str | None = None
         #: rank -> its pending hang deadline (cancelled when the attempt closes).
         self._hang_timers: dict[int, asyncio.TimerHandle] = {}
-        #: rank -> resolved when the rank printed ``ready_line`` (started ranks only).
-        self._ready: dict[int, asyncio.Future[None]] = {}
         #: Where the piped streams' lines go (the group's subscribers).
         self.lines = LineHub()
         self.nprocs: int = plan.nprocs
@@ -334,6 +330,7 @@ class Attempt:
         self._settled = asyncio.Event()
         self._exits_changed = asyncio.Event()
         self._deadline_changed = asyncio.Event()
+        self._readiness = _ready.Readiness(self._plan, self.events, loop)
         plan = self._plan
         try:
             with _platform.fd_budget(_fd_budget(plan)):
@@ -345,6 +342,8 @@ class Attempt:
         plan = self._plan
         settled = self._settled
         assert settled is not None
+        readiness = self._readiness
+        assert readiness is not None
         self._started_at = time.time()
         self._state = _State.RUNNING
         console = self._console
@@ -381,9 +380,7 @@ class Attempt:
                     continue
                 popen = outcome.popen
                 r.pid = popen.pid
-                self._ready[rp.rank] = loop.create_future()
-                if outcome.ready is not None:
-                    self._watch_ready_fd(r, outcome.ready)
+                readiness.started(rp.rank, popen.pid, outcome.ready)
                 self.events.emit("start", rank=rp.rank, pid=popen.pid)
                 contain.started(popen.pid)
                 self._live += 1
@@ -403,7 +400,11 @@ class Attempt:
                         prefix = console.render_prefix(plan.prefix, rp.rank, name)
                     marker = plan.ready_line if flag is Std.OUT else None
                     feed = LineFeed(
-                        self.lines, rp.rank, name, marker, functools.partial(self._on_ready, r)
+                        self.lines,
+                        rp.rank,
+                        name,
+                        marker,
+                        functools.partial(readiness.said, rp.rank),
                     )
                     pending.append(
                         asyncio.ensure_future(
@@ -467,53 +468,11 @@ class Attempt:
         self._exits_changed.set()
         self.events.emit("exit", rank=r.plan.rank, pid=r.pid, exitcode=returncode, failed=failed)
 
-    # -- readiness (ready_line, ready_fd) ------------------------------------------
-    def _watch_ready_fd(self, r: _Rank, fd: int) -> None:
-        assert self._loop is not None
-        self._ready_fds[r.plan.rank] = fd
-        self._loop.add_reader(fd, self._on_ready_fd, r, fd)
-
-    def _on_ready_fd(self, r: _Rank, fd: int) -> None:
-        """The rank's readiness pipe turned readable: bytes (ready) or end of file.
-
-        The pipe is read on until its end (or the group's close), so a rank
-        that writes again (``R`` then a newline, a later notice) never gets
-        SIGPIPE; only its first byte counts.
-        """
-        try:
-            data = os.read(fd, 4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
-            self._on_ready(r)
-            return
-        self._drop_ready_fd(r.plan.rank)
-        fut = self._ready.get(r.plan.rank)
-        if fut is not None and not fut.done() and self._plan.ready_line is None:
-            self._never_ready.add(r.plan.rank)  # closed unwritten: ready() says so at once
-            assert self._exits_changed is not None
-            self._exits_changed.set()
-
-    def _drop_ready_fd(self, rank: int) -> None:
-        fd = self._ready_fds.pop(rank, None)
-        if fd is not None:
-            assert self._loop is not None
-            self._loop.remove_reader(fd)
-            os.close(fd)
-
-    def _on_ready(self, r: _Rank) -> None:
-        fut = self._ready.get(r.plan.rank)
-        if fut is not None and not fut.done():
-            fut.set_result(None)
-            self.events.emit("ready", rank=r.plan.rank, pid=r.pid)
-
+    # -- readiness (ready_line, ready_fd: see _ready) ---------------------------------
     async def ready(self, ranks: Collection[int] | None, fail_after: float | None) -> None:
         """Wait until every rank in ``ranks`` said it is ready (see ``Group.ready``)."""
         self._require_started("ready")
-        missing = _ready_missing(self._plan)
-        if missing is None:
+        if _ready.missing(self._plan) is None:
             raise ConfigError(
                 "ready() needs spawn(..., ready_line='TEXT') (a line ranks print) "
                 "or spawn(..., ready_fd=True) (ranks write to $CORRAL_READY_FD)"
@@ -522,33 +481,15 @@ class Attempt:
         bad = [r for r in wanted if not isinstance(r, int) or not 0 <= r < self.nprocs]
         if bad:
             raise ConfigError(f"ready: no such rank(s) {bad}; ranks are 0..{self.nprocs - 1}")
-        loop = asyncio.get_running_loop()
-        deadline = None if fail_after is None else loop.time() + _grace(fail_after)
+        assert self._readiness is not None
         assert self._exits_changed is not None
-        while True:
-            pending = [r for r in wanted if r not in self._ready or not self._ready[r].done()]
-            if not pending:
-                return
-            gone = [r for r in pending if not self._ranks[r].alive]
-            if gone:
-                raise CorralError(f"rank(s) {gone} ended before saying ready (no {missing})")
-            closed = [r for r in pending if r in self._never_ready]
-            if closed:
-                raise CorralError(
-                    f"rank(s) {closed} closed $CORRAL_READY_FD without writing to it: never ready"
-                )
-            left = None if deadline is None else deadline - loop.time()
-            if left is not None and left <= 0:
-                message = f"not ready within {fail_after} s (no {missing})"
-                self._fail(pending, message, "unready")
-                raise TimeoutError(f"rank(s) {pending} {message}: the group is closing")
-            self._exits_changed.clear()
-            exits = asyncio.ensure_future(self._exits_changed.wait())
-            waiters: list[asyncio.Future[Any]] = [*(self._ready[r] for r in pending), exits]
-            try:
-                await asyncio.wait(waiters, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                exits.cancel()
+        await self._readiness.wait(
+            wanted,
+            None if fail_after is None else _grace(fail_after),
+            alive=self.alive,
+            exits=self._exits_changed,
+            fail=lambda pending, message: self._fail(pending, message, "unready"),
+        )
 
     def _fail(self, ranks: Iterable[int], message: str, kind: str) -> None:
         """Fail live ``ranks`` by corral's verdict (hung, not ready): the group then closes."""
@@ -694,8 +635,8 @@ class Attempt:
             if self._owns_console and self._console is not None:
                 self._console.close()
             self._reap_ranks()
-            for rank in list(self._ready_fds):
-                self._drop_ready_fd(rank)
+            if self._readiness is not None:
+                self._readiness.close()
             if contain is not None:
                 contain.release()
                 await contain.finish()
@@ -811,16 +752,6 @@ def _fd_budget(plan: GroupPlan) -> int:
     piped = (rp.tee | rp.watch for rp in plan.ranks)  # teed or watched: a pipe and a pump
     per_rank = (1 + plan.ready_fd + 2 * ((p & Std.OUT != 0) + (p & Std.ERR != 0)) for p in piped)
     return sum(per_rank) + 8  # + the watchdog's pipe, a rank's transient spawn pipes
-
-
-def _ready_missing(plan: GroupPlan) -> str | None:
-    """What a rank that is not ready did not do, in words (``None``: it cannot say)."""
-    ways = []
-    if plan.ready_line is not None:
-        ways.append(f"{plan.ready_line.decode()!r} on its stdout")
-    if plan.ready_fd:
-        ways.append("write to $CORRAL_READY_FD")
-    return " or ".join(ways) or None
 
 
 def _explain(exc: OSError) -> str:
