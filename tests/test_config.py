@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import TYPE_CHECKING, Any
@@ -106,14 +107,16 @@ def test_existing_rank_folder_is_never_overwritten(tmp_path: Path) -> None:
     assert not (tmp_path / "0").exists()
 
 
-def test_an_existing_report_is_never_overwritten(tmp_path: Path) -> None:
-    """A log_dir that already holds a report.json (an earlier run's, or the user's own):
-    refused before anything is created; the file is kept as it was."""
+async def test_an_existing_report_is_never_overwritten(tmp_path: Path) -> None:
+    """A log_dir that already holds a report.json (an earlier run's, or the user's own)
+    is accepted, as any non-empty folder without these rank folders: the file is kept as
+    it was and this run's report goes to report-2.json."""
     (tmp_path / "report.json").write_text("precious")
-    with pytest.raises(ConfigError, match=r"already holds report\.json.*\{run\}"):
-        corral.spawn(TRUE, nprocs=1, log_dir=tmp_path)
+    result = await corral.run(TRUE, nprocs=1, log_dir=tmp_path)
+    assert result.ok
     assert (tmp_path / "report.json").read_text() == "precious"
-    assert not (tmp_path / "0").exists()
+    report = json.loads((tmp_path / "report-2.json").read_text())
+    assert report["ok"] is True
 
 
 async def test_run_field_numbers_the_runs(tmp_path: Path) -> None:

@@ -125,6 +125,9 @@ class GroupPlan:
     ready_line: bytes | None = None
     #: Each rank gets a pipe, ``$CORRAL_READY_FD``, to write its readiness to.
     ready_fd: bool = False
+    #: Where the run report goes: ``{log_dir}/report.json``, or the first free
+    #: ``report-N.json`` when that file is already there (never overwritten).
+    report: Path | None = None
 
 
 class SpawnOptions(TypedDict, total=False):
@@ -351,6 +354,7 @@ def build_plan(entrypoint: Entrypoint, options: SpawnOptions) -> GroupPlan:
         hang_timeout=hang_timeout,
         ready_line=None if ready_line is None else ready_line.encode(),
         ready_fd=ready_fd,
+        report=_report_path(root),
     )
 
 
@@ -366,6 +370,16 @@ def with_world(plan: GroupPlan, world: World) -> GroupPlan:
 
 #: The run report in ``log_dir`` (see ``_report``): never overwritten.
 REPORT_FILE: Final = "report.json"
+
+
+def _report_path(root: Path) -> Path:
+    """``root/report.json``, or the first ``report-N.json`` (N = 2, 3...) not there yet."""
+    path = root / REPORT_FILE
+    k = 1
+    while path.exists():
+        k += 1
+        path = root / f"report-{k}.json"
+    return path
 
 
 def attempt_folder(attempt: int) -> str:
@@ -761,12 +775,6 @@ def _log_dir(log_dir: object, n: int) -> tuple[Path, list[Path]]:
                     f"log_dir {str(root)!r} already holds rank folder(s) {', '.join(taken)}; "
                     "corral never overwrites logs: choose a new log_dir, or put {run} in it "
                     f"({str(root / 'run-{run}')!r}) to number the runs 1, 2, 3..."
-                )
-            if (root / REPORT_FILE).exists():
-                raise ConfigError(
-                    f"log_dir {str(root)!r} already holds {REPORT_FILE} (an earlier run's "
-                    "report?); corral never overwrites it: choose a new log_dir, or put {run} "
-                    f"in it ({str(root / 'run-{run}')!r}) to number the runs 1, 2, 3..."
                 )
             return root, []
         if root.exists():

@@ -419,7 +419,7 @@ class Group:
         """``{log_dir}/report.json``: the run, for CI systems and dashboards."""
         world = self.world
         write_report(
-            self.log_dir / REPORT_FILE,
+            self._plan.report or self.log_dir / REPORT_FILE,
             plan=self._plan,
             result=result,
             history=self._events.history,
