@@ -381,3 +381,34 @@ def test_signal_to_the_supervisor_raises_signal_exception(tmp_path: Path) -> Non
     assert proc.returncode == 0
     assert rest.split() == ["closed", "SIGTERM", "-15", "-15"]  # torch: both are failures
     assert gone(rank_pids)
+
+
+@pytest.mark.parametrize("when", ["while starting", "once started"])
+def test_a_signal_during_start_processes_leaves_no_rank_behind(
+    when: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM reaches the supervisor while start_processes() waits for the ranks to start
+    (torch's handler raises SignalException there): the ranks it started are closed
+    before the exception propagates, whether the start had finished or not."""
+    from corral.torch import SignalException
+
+    opened = PContext._open
+
+    async def open_then_signal(self: PContext, options: object) -> object:
+        if when == "while starting":
+            os.kill(os.getpid(), signal.SIGTERM)
+        started = await opened(self, options)  # type: ignore[arg-type]
+        if when == "once started":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return started
+
+    monkeypatch.setattr(PContext, "_open", open_then_signal)
+    with pytest.raises(SignalException):
+        start_processes(
+            name="sig",
+            entrypoint=sys.executable,
+            args={0: ("-c", "import time; time.sleep(600)")},
+            envs={0: {}},
+            logs_specs=DefaultLogsSpecs(log_dir=str(tmp_path)),
+        )
+    assert psutil.Process().children(recursive=True) == []

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import errno
 import logging
 import os
@@ -244,7 +245,9 @@ class PContext:
         options = self._spawn_options()
         self._writer.start()
         try:
-            self._group, self._finished, self._pids = _call(self._open(options))
+            self._group, self._finished, self._pids = _call(
+                self._open(options), abandon=lambda opened: opened[0].close(0)
+            )
         except BaseException:
             self._writer.queue.put(None)
             self._writer.join()
@@ -525,9 +528,56 @@ def _check_executable(program: str, env: Mapping[str, str]) -> None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
 
 
-def _call(coro: Coroutine[object, object, T]) -> T:
-    """Run ``coro`` on corral's loop thread and block this thread until it ends."""
-    return asyncio.run_coroutine_threadsafe(coro, _bridge.core_loop()).result()
+def _call(
+    coro: Coroutine[object, object, T],
+    abandon: Callable[[T], Coroutine[object, object, object]] | None = None,
+) -> T:
+    """Run ``coro`` on corral's loop thread and block this thread until it ends.
+
+    A signal handler raising meanwhile (torch's ``SignalException``, Ctrl-C's
+    ``KeyboardInterrupt``) cancels the call, waits until its clean-up is done,
+    then propagates; if the call had already succeeded, ``abandon`` is run on
+    its result first (a started group is closed, never left unsupervised).
+    """
+    loop = _bridge.core_loop()
+    done = threading.Event()
+    tasks: list[asyncio.Task[T]] = []
+
+    def start() -> None:
+        task = loop.create_task(coro, context=contextvars.Context())
+        task.add_done_callback(lambda _: done.set())
+        tasks.append(task)
+
+    def cancel() -> None:  # on the loop; start() ran first if it was scheduled at all
+        if tasks:
+            loop.call_soon(tasks[0].cancel)  # after its first step, as under asyncio
+        else:
+            done.set()
+
+    try:
+        loop.call_soon_threadsafe(start)
+        done.wait()
+    except BaseException:
+        loop.call_soon_threadsafe(cancel)
+        _wait_through_signals(done)
+        if not tasks:
+            coro.close()
+            raise
+        task = tasks[0]
+        if abandon is not None and not task.cancelled() and task.exception() is None:
+            _call(abandon(task.result()))
+        raise
+    return tasks[0].result()
+
+
+def _wait_through_signals(done: threading.Event) -> None:
+    """``done.wait()``, carrying on through further signals (the clean-up is bounded)."""
+    while True:
+        try:
+            done.wait()
+            return
+        except BaseException:  # another SIGTERM or Ctrl-C: wait on
+            continue
 
 
 def start_processes(
