@@ -50,6 +50,8 @@ FAIL = (
     "open(sys.argv[1], 'w').write(repr(time.time())); sys.exit(3)"
 )
 SLEEP = "import time; time.sleep(600)"
+#: The folder every run's logs go under (removed at the end of ``main``).
+LOGS = tempfile.gettempdir()
 UP = "import sys, time; open(sys.argv[1], 'w').write('up'); time.sleep(600)"
 
 
@@ -57,7 +59,7 @@ def start(
     mod: ModuleType, entry: Callable[..., object] | str, args: dict[int, tuple[object, ...]]
 ) -> Any:
     envs: dict[int, dict[str, str]] = {r: {} for r in args}
-    specs = mod.DefaultLogsSpecs(log_dir=tempfile.mkdtemp(prefix="bench-torch-"))
+    specs = mod.DefaultLogsSpecs(log_dir=tempfile.mkdtemp(dir=LOGS))
     return mod.start_processes("bench", entry, args, envs, specs)
 
 
@@ -126,10 +128,12 @@ def main() -> None:
     ]
     print(f"{n} ranks, median of {opts.repeat} runs (ms); ratio = torch / corral.torch")
     print(f"{'case':32} {'corral.torch':>12} {'torch':>10} {'ratio':>7}")
-    for name, case in cases:
-        ours = statistics.median(case(ct) for _ in range(opts.repeat))
-        theirs = statistics.median(case(tem) for _ in range(opts.repeat))
-        print(f"{name:32} {ours:12.1f} {theirs:10.1f} {theirs / ours:7.1f}x", flush=True)
+    global LOGS
+    with tempfile.TemporaryDirectory(prefix="bench-torch-") as LOGS:
+        for name, case in cases:
+            ours = statistics.median(case(ct) for _ in range(opts.repeat))
+            theirs = statistics.median(case(tem) for _ in range(opts.repeat))
+            print(f"{name:32} {ours:12.1f} {theirs:10.1f} {theirs / ours:7.1f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ on ``SignalException`` it closes with that signal and prints
 
 from __future__ import annotations
 
+import os
 import sys
-import tempfile
 
 from corral.torch import DefaultLogsSpecs, SignalException, start_processes
 
@@ -20,10 +20,8 @@ def main() -> None:
         entrypoint=sys.executable,
         args={0: ("-c", code), 1: ("-c", code)},
         envs={0: {}, 1: {}},
-        logs_specs=DefaultLogsSpecs(log_dir=tempfile.mkdtemp()),
+        logs_specs=DefaultLogsSpecs(log_dir="logs"),  # in its cwd: the test's tmp_path
     )
-    import os
-
     print("pids", os.getpid(), *pc.pids().values(), flush=True)
     try:
         pc.wait(timeout=60)

@@ -57,7 +57,8 @@ T = TypeVar("T")
 
 #: The start methods PyTorch accepts; corral runs every one as ``spawn``.
 START_METHODS: Final = ("spawn", "fork", "forkserver")
-#: Lines a tee may fall behind before it skips some (the log files keep all).
+#: Lines the console writer may fall behind before the tee skips some, saying
+#: so (the log files keep every line; the filter files get every match).
 TEE_BACKLOG: Final = 100_000
 _STREAMS: Final = (("stdout", "out", CoreStd.OUT), ("stderr", "err", CoreStd.ERR))
 
@@ -95,14 +96,19 @@ class _Writer:
         self._thread.start()
 
     def _run(self) -> None:
+        broken: set[int] = set()
         try:
             while (item := self.queue.get()) is not None:
                 dest, text = item
+                if id(dest) in broken:
+                    continue
                 try:
                     dest.write(text)
                     dest.flush()
-                except (OSError, ValueError):  # a closed console: the log files have it
-                    pass
+                except (OSError, ValueError) as exc:  # a closed console, a full disk
+                    broken.add(id(dest))
+                    name = getattr(dest, "name", "?")
+                    log.warning("corral.torch: stopped writing to %s: %s", name, exc)
         finally:
             for f in self._files:
                 f.close()
@@ -323,9 +329,7 @@ class PContext:
         streams = [s for s in ("out", "err") if self._tee_ranks[s]]
         # Subscribed here, before any rank starts: no line is missed.
         consumers = [
-            loop.create_task(
-                self._tee(group.lines(sorted(self._tee_ranks[s]), s, maxsize=TEE_BACKLOG), s)
-            )
+            loop.create_task(self._tee(group.lines(sorted(self._tee_ranks[s]), s), s))
             for s in streams
         ]
         try:
@@ -351,34 +355,38 @@ class PContext:
 
     async def _tee(self, lines: AsyncIterator[Line], stream: str) -> None:
         """Copy one stream's teed lines, prefixed, to the console and the filter file."""
-        put = self._writer.queue.put
+        queue_ = self._writer.queue
+        put = queue_.put
         console = self._consoles[stream]
         needles = self._filters.get(stream, ())
         filtered = self._filtered.get(stream)
+        skipped: dict[int, int] = {}  # rank -> console lines skipped, not yet said
         async for line in lines:
             text = line.data.decode(errors="replace")
             if not text.endswith("\n"):
                 text += "\n"
             prefixed = f"{self._prefixes[line.rank]}{text}"
-            if line.missed:
-                put(
-                    (
-                        console,
-                        f"[corral: the tee skipped {line.missed} lines of rank {line.rank}]\n",
-                    )
-                )
-            put((console, prefixed))
             if filtered is not None and any(n in text for n in needles):
-                put((filtered, prefixed))
+                put((filtered, prefixed))  # the filter file's only copy: never skipped
+            missed = line.missed + skipped.pop(line.rank, 0)
+            if queue_.qsize() >= TEE_BACKLOG:  # a console that cannot keep up
+                skipped[line.rank] = missed + 1
+                continue
+            if missed:
+                note = f"[corral: the tee skipped {missed} lines of rank {line.rank}]\n"
+                put((console, note))
+            put((console, prefixed))
 
     async def _finish(self, group: Group, consumers: list[asyncio.Task[None]]) -> Result:
         """Wait for the group's end, close it, let the tee drain, end the writer."""
         try:
             await group.wait()
         finally:
-            result = await group.close()
-            await asyncio.gather(*consumers, return_exceptions=True)
-            self._writer.queue.put(None)
+            try:
+                result = await group.close()
+            finally:  # whatever close() did, the tee drains and the writer ends
+                await asyncio.gather(*consumers, return_exceptions=True)
+                self._writer.queue.put(None)
         return result
 
     def _conclude(self, result: Result) -> RunProcsResult:
