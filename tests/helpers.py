@@ -240,3 +240,11 @@ def subreaper() -> Iterator[None]:
 
 def rank_argv(shape: str, fifo: Path) -> list[str]:
     return [sys.executable, RANK, shape, str(fifo)]
+
+
+def fifos(folder: Path, *names: str) -> list[Path]:
+    """Create FIFOs ``folder/name`` for handshakes with ranks; their paths, in order."""
+    paths = [folder / name for name in names]
+    for path in paths:
+        os.mkfifo(path)
+    return paths

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import sys
 from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 
 import corral
+
+from .helpers import fifos
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -52,13 +53,6 @@ def buffered(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def py(code: str, *args: object) -> list[str]:
     return [sys.executable, "-c", code, *map(str, args)]
-
-
-def fifos(tmp_path: Path, *names: str) -> list[Path]:
-    paths = [tmp_path / name for name in names]
-    for path in paths:
-        os.mkfifo(path)
-    return paths
 
 
 async def say(fifo: Path, text: str = "go") -> None:

@@ -17,6 +17,7 @@ import corral
 from corral._torchrun import parse_torchrun
 
 from .cli_helpers import PY, Lines, OnPty, code, corral_env, screen
+from .helpers import fifos
 
 CHILDREN = Path(__file__).parent / "children"
 
@@ -50,15 +51,10 @@ def go(path: Path) -> None:
         fifo.write(b"go")
 
 
-def fifos(folder: Path, names: list[str]) -> None:
-    for name in names:
-        os.mkfifo(folder / name)
-
-
 @pytest.mark.parametrize("sub", ["run", "torchrun"])
 def test_python_ranks_stream_live_without_pythonunbuffered(tmp_path: Path, sub: str) -> None:
     """A print() without flush reaches the console while the rank still runs."""
-    fifos(tmp_path, ["go-0", "go-1"])
+    fifos(tmp_path, "go-0", "go-1")
     script = str(CHILDREN / "shell_live.py")
     if sub == "run":
         lines = start("run", "-n", "2", "--", PY, script, str(tmp_path))
@@ -77,7 +73,7 @@ def test_torch_gloo_script_streams_live(tmp_path: Path, sub: str) -> None:
     """A real 2-rank gloo all-reduce: its unflushed prints arrive before it ends."""
     if importlib.util.find_spec("torch") is None:
         pytest.skip("torch is not installed")
-    fifos(tmp_path, ["go-0", "go-1"])
+    fifos(tmp_path, "go-0", "go-1")
     script = str(CHILDREN / "shell_ddp.py")
     if sub == "run":
         lines = start("run", "-n", "2", "--", PY, script, str(tmp_path))
@@ -106,7 +102,7 @@ def test_the_received_signal_is_forwarded(sig: signal.Signals) -> None:
 
 async def test_group_close_with_a_chosen_first_signal(tmp_path: Path) -> None:
     """Group.close(sig=SIGINT): the ranks get KeyboardInterrupt; a bad sig is a ConfigError."""
-    fifos(tmp_path, ["ready-0", "ready-1"])
+    fifos(tmp_path, "ready-0", "ready-1")
     async with asyncio.timeout(30):
         async with corral.spawn(
             [sys.executable, str(CHILDREN / "shell_signal.py"), str(tmp_path)],
@@ -231,7 +227,7 @@ def test_progress_bars_on_a_terminal(tmp_path: Path) -> None:
     The log file keeps the rank's bytes exactly; a console that is not a
     terminal gets the whole line, `\\r` included.
     """
-    fifos(tmp_path, ["go-1", "go-0-2", "go-0-3"])
+    fifos(tmp_path, "go-1", "go-0-2", "go-0-3")
     argv = ["-n", "2", "--log-dir", str(tmp_path / "logs"), "--"]
     argv += [PY, str(CHILDREN / "shell_progress.py"), str(tmp_path)]
     term = OnPty("run", argv, buffered_env())
