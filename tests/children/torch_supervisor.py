@@ -22,7 +22,9 @@ def main() -> None:
         envs={0: {}, 1: {}},
         logs_specs=DefaultLogsSpecs(log_dir="logs"),  # in its cwd: the test's tmp_path
     )
-    print("pids", os.getpid(), *pc.pids().values(), flush=True)
+    # One write: the ranks write to the same pipe, and an unbuffered print() (these
+    # machines set PYTHONUNBUFFERED) writes piece by piece, letting "up" in between.
+    os.write(1, " ".join(map(str, ["pids", os.getpid(), *pc.pids().values()])).encode() + b"\n")
     try:
         pc.wait(timeout=60)
     except SignalException as e:

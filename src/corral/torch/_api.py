@@ -380,7 +380,7 @@ def _write_torch_error(exc: BaseException) -> None:
         with open(path, "w", encoding="utf-8") as fp:
             json.dump(data, fp)
     except OSError as err:  # recording must never hide the error itself: say it, go on
-        print(f"corral.torch: could not write the error file {path}: {err}", file=sys.stderr)
+        sys.stderr.write(f"corral.torch: could not write the error file {path}: {err}\n")
 
 
 def record(fn: Callable[P, R]) -> Callable[P, R]:
