@@ -16,8 +16,10 @@ differs. Cases (median wall time, ms):
 * ``failure detection``: once started, rank 0 is released (FIFO) just as
   ``wait(period=...)`` begins; it writes ``time.time()`` and exits 3 while
   the others sleep; that moment -> ``wait`` returns the failure (torch's
-  default ``period=1``, and ``period=0.1`` as PyTorch's tests use). A failure
-  at a random moment waits half a period on average under torch.
+  default ``period=1``, and ``period=0.1`` as PyTorch's tests use). torch's
+  first poll almost always comes before rank 0 has exited, so this is torch's
+  worst case, one whole period; a failure at a random moment waits half a
+  period on average under torch (halve torch's figure for that).
 * ``close``: N sleeping ranks (started, each has said ``up`` through a FIFO)
   -> ``close()`` returns with every rank reaped.
 
