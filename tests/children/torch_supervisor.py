@@ -22,10 +22,11 @@ def main() -> None:
         envs={0: {}, 1: {}},
         logs_specs=DefaultLogsSpecs(log_dir="logs"),  # in its cwd: the test's tmp_path
     )
-    # One write: the ranks write to the same pipe, and an unbuffered print() (these
-    # machines set PYTHONUNBUFFERED) writes piece by piece, letting "up" in between.
-    os.write(1, " ".join(map(str, ["pids", os.getpid(), *pc.pids().values()])).encode() + b"\n")
-    try:
+    try:  # from here on: the test's SIGTERM may come right after the pids are out
+        # One write: the ranks write to the same pipe, and an unbuffered print() (these
+        # machines set PYTHONUNBUFFERED) writes piece by piece, letting "up" in between.
+        pids = ["pids", os.getpid(), *pc.pids().values()]
+        os.write(1, " ".join(map(str, pids)).encode() + b"\n")
         pc.wait(timeout=60)
     except SignalException as e:
         pc.close(e.sigval, timeout=5)
