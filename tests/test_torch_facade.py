@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -68,6 +69,25 @@ def fifo(tmp_path: Path) -> str:
 def read_ready(path: str) -> None:
     with open(path) as f:
         assert f.readline() == "ready\n"
+
+
+def release_once_blocked(go: Path) -> threading.Thread:
+    """Write ``go`` into the FIFO ``go`` from a thread that runs once this one blocks.
+
+    The thread is woken here but needs the GIL, which this thread holds until
+    its next blocking call (the ``wait()`` that follows): no rank is released
+    before that call has begun.
+    """
+    release = threading.Event()
+
+    def write() -> None:
+        release.wait()
+        go.write_text("go")
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    release.set()
+    return thread
 
 
 def finished(pc: PContext) -> RunProcsResult:
@@ -248,6 +268,60 @@ def test_binary_failure_closes_peers_and_counts_them_as_torch_does(tmp_path: Pat
     assert not result.stderrs[1]
     assert not result.stdouts[0]
     assert result.return_values == {}
+
+
+def test_a_peer_ending_before_torchs_poll_is_not_closed(tmp_path: Path) -> None:
+    """A failure is held until PyTorch's poll: a peer that ends by then keeps its exit 0.
+
+    Rank 1 exits 0 just after rank 0 exits 3 (rank 0 releases it). PyTorch,
+    polling every 30 s, would see both ended: one failure. No poll instant
+    falls before the 20 s timeout, so a result proves the wait returned on
+    rank 1's own exit, not at a poll.
+    """
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    exe, fail_args = python(f"import sys; open({str(go)!r}, 'w').write('go'); sys.exit(3)")
+    _, wait_args = python(f"open({str(go)!r}).read()")
+    pc = start_processes(
+        "bin", exe, {0: fail_args, 1: wait_args}, {0: {}, 1: {}}, DefaultLogsSpecs(str(tmp_path))
+    )
+    result = pc.wait(timeout=20, period=30)
+    assert result is not None
+    assert {r: f.exitcode for r, f in result.failures.items()} == {0: 3}
+    assert gone(pc.pids())
+
+
+def test_peers_still_running_are_closed_at_torchs_poll(tmp_path: Path, fifo: str) -> None:
+    """A failure during wait() closes the others at the next poll instant, not before.
+
+    Rank 0 fails once released, after wait() has begun. With
+    ``period=10`` no poll instant falls before the timeout: None, rank 1 runs
+    on. A later ``wait(period=0)`` closes it at once; ``period=0.2`` closes it
+    at the first instant after the failure.
+    """
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    exe, fail_args = python(f"import sys; open({str(go)!r}).read(); sys.exit(3)")
+    _, up_args = python(f"open({fifo!r}, 'w').write('ready\\n'); import time; time.sleep(600)")
+    for period, timeout, expect_none in ((10.0, 1.0, True), (0.2, 20.0, False)):
+        pc = start_processes(
+            "bin",
+            exe,
+            {0: fail_args, 1: up_args},
+            {0: {}, 1: {}},
+            DefaultLogsSpecs(str(tmp_path / str(period))),
+        )
+        read_ready(fifo)
+        releaser = release_once_blocked(go)
+        result = pc.wait(timeout=timeout, period=period)
+        releaser.join()
+        if expect_none:
+            assert result is None
+            assert psutil.Process(pc.pids()[1]).status() != psutil.STATUS_ZOMBIE
+            result = pc.wait(period=0)  # polled continuously: closed as soon as seen
+        assert result is not None
+        assert {r: f.exitcode for r, f in result.failures.items()} == {0: 3, 1: -15}
+        assert gone(pc.pids())
 
 
 def test_record_writes_torch_format_for_a_binary_rank(tmp_path: Path) -> None:

@@ -130,6 +130,7 @@ class Attempt:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._live = 0
         self._settled: asyncio.Event | None = None
+        self._ended: asyncio.Event | None = None
         self._exits_changed: asyncio.Event | None = None
         self._closer: asyncio.Task[Result] | None = None
         self._deadline = 0.0
@@ -210,6 +211,12 @@ class Attempt:
         self._require_started("settled")
         assert self._settled is not None
         await self._settled.wait()
+
+    async def ended(self) -> None:
+        """Wait until every rank has exited (on its own or closed); nothing is closed here."""
+        self._require_started("ended")
+        assert self._ended is not None
+        await self._ended.wait()
 
     def failures_so_far(self) -> list[Failure]:
         """The failures of the ranks that exited on their own so far (no closing needed)."""
@@ -328,6 +335,7 @@ class Attempt:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._settled = asyncio.Event()
+        self._ended = asyncio.Event()
         self._exits_changed = asyncio.Event()
         self._deadline_changed = asyncio.Event()
         self._readiness = _ready.Readiness(self._plan, self.events, loop)
@@ -441,6 +449,8 @@ class Attempt:
             raise
         if self._live == 0:
             settled.set()
+            assert self._ended is not None
+            self._ended.set()
         elif plan.hang_timeout is not None:
             for r in self._ranks:
                 if r.alive:
@@ -465,6 +475,9 @@ class Attempt:
         failed = returncode != 0 and not r.after_close
         if failed or self._live == 0:
             self._settled.set()
+        if self._live == 0:
+            assert self._ended is not None
+            self._ended.set()
         self._exits_changed.set()
         self.events.emit("exit", rank=r.plan.rank, pid=r.pid, exitcode=returncode, failed=failed)
 

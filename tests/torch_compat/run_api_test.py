@@ -51,17 +51,6 @@ KNOWN_FAILURES: Final = {
         "splits it at commas), so the lines the filters should match are never printed; "
         "fails against torch 2.13 too"
     ),
-    "test_binary_signal": (
-        "races rank 1 (exits 0 a few ms after start) against the supervisor seeing rank 0's "
-        "SIGSEGV: torch polls every 0.1 s and rank 1 has ended by then; corral sees the exit "
-        "at once and closes rank 1 with SIGTERM, which torch's own rule (test_binary_exit: "
-        "a rank closed after a failure is a failure too) makes a second failure"
-    ),
-    "test_binary_raises": (
-        "the same race as test_binary_signal, with rank 0 raising instead of segfaulting: "
-        "passes when rank 1 happens to exit before corral sees rank 0's exit (most runs "
-        "on an idle machine), fails otherwise"
-    ),
 }
 
 _IMPORT: Final = re.compile(

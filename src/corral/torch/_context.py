@@ -4,10 +4,13 @@ Each context drives one corral ``Group`` on corral's private event loop (the
 ``corral-loop`` thread of ``_bridge.core_loop``). The caller's thread only
 submits coroutines there and waits for their futures, so:
 
-* ``wait(timeout, period)`` waits on the group's completion future with a
-  timeout: a failure is seen when the rank exits, not at the next ``period``
-  (accepted, unused). Blocking there is interruptible by the main thread's
-  signal handlers (``SignalException``), as PyTorch's ``time.sleep`` is.
+* A failure is seen when the rank exits (an event, not a poll), but the
+  other ranks are closed when PyTorch would close them: at the caller's poll
+  instants, ``wait()``'s start plus whole periods (``period=0``: at once).
+  A peer that ends on its own before that instant is not closed, so the
+  result is PyTorch's; the wait returns as soon as the result is decided.
+  Blocking is interruptible by the main thread's signal handlers
+  (``SignalException``), as PyTorch's ``time.sleep`` is.
 * The tee (``log_line_prefixes``) and the duplicate-filter files are fed from
   ``group.lines()`` on the loop and written by one writer thread per context,
   so a slow console never stalls the loop. The streams are corral-watched
@@ -23,12 +26,14 @@ import contextlib
 import contextvars
 import errno
 import logging
+import math
 import os
 import queue
 import shutil
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TextIO, TypeVar
 
@@ -187,6 +192,10 @@ class PContext:
         ]
         self._tail_logs += [_TailLog(f"filtered_std{s}", self._writer.done) for s in self._filters]
         self._group: Group | None = None
+        #: Set (from the loop) once a rank failed or every rank ended.
+        self._settled = threading.Event()
+        #: Set (on the loop) to close the other ranks after a failure: PyTorch's poll.
+        self._sample: asyncio.Event | None = None
         self._finished: concurrent.futures.Future[Result] | None = None
         self._pids: dict[int, int] = {}
         self._result: RunProcsResult | None = None
@@ -215,17 +224,35 @@ class PContext:
         """Wait up to ``timeout`` seconds (negative: forever; 0: poll) for the group's end.
 
         Returns ``None`` while ranks still run; else the result (every rank
-        reaped, the group closed, the tee written). ``period`` is accepted for
-        compatibility and unused: the wait is woken by the ranks' exit.
+        reaped, the group closed, the tee written). The ranks' exits wake it
+        (no polling); after a failure, the other ranks are closed at the first
+        of PyTorch's poll instants (this call's start plus a whole number of
+        periods; ``period <= 0``: at once) unless they have all ended
+        by then, so the failures are those PyTorch would report. When no poll
+        instant is left before ``timeout``, it returns ``None`` as PyTorch does.
         """
         finished = self._finished
         if finished is None:
             raise RuntimeError("wait() before start(): call start_processes() or start()")
-        try:
-            result = finished.result(None if timeout < 0 else timeout)
-        except concurrent.futures.TimeoutError:
+        begun = time.monotonic()
+        expiry = None if timeout < 0 else begun + timeout
+        settled_before = self._settled.is_set()
+        if not settled_before and not self._settled.wait(None if expiry is None else timeout):
             return None
-        return self._conclude(result)
+        if not finished.done():  # a rank failed while others still run
+            now = time.monotonic()
+            poll = now if settled_before or period <= 0 else _next_poll(begun, now, period)
+            if expiry is not None and poll >= expiry:  # PyTorch polls no more before then
+                try:
+                    return self._conclude(finished.result(max(expiry - now, 0.0)))
+                except concurrent.futures.TimeoutError:
+                    return None
+            try:  # the others may all end on their own before the poll
+                return self._conclude(finished.result(max(poll - now, 0.0)))
+            except concurrent.futures.TimeoutError:
+                pass
+            self._poll_now()
+        return self._conclude(finished.result())
 
     def pids(self) -> dict[int, int]:
         """rank -> pid of every rank started (kept after they exit)."""
@@ -243,6 +270,12 @@ class PContext:
         self._conclude(finished.result())
 
     # -- corral ---------------------------------------------------------------
+    def _poll_now(self) -> None:
+        """PyTorch's poll after a failure: close the ranks still running."""
+        sample = self._sample
+        if sample is not None:
+            _bridge.core_loop().call_soon_threadsafe(sample.set)
+
     def _start(self) -> None:
         if self._group is not None:
             raise ValueError(
@@ -339,7 +372,10 @@ class PContext:
                 consumer.cancel()
             await asyncio.gather(*consumers, return_exceptions=True)
             raise
-        task = loop.create_task(self._finish(group, consumers), name="corral-torch-finish")
+        self._sample = asyncio.Event()
+        task = loop.create_task(
+            self._finish(group, consumers, self._sample), name="corral-torch-finish"
+        )
         finished: concurrent.futures.Future[Result] = concurrent.futures.Future()
 
         def relay(t: asyncio.Task[Result]) -> None:
@@ -377,17 +413,27 @@ class PContext:
                 put((console, note))
             put((console, prefixed))
 
-    async def _finish(self, group: Group, consumers: list[asyncio.Task[None]]) -> Result:
-        """Wait for the group's end, close it, let the tee drain, end the writer."""
+    async def _finish(
+        self, group: Group, consumers: list[asyncio.Task[None]], sample: asyncio.Event
+    ) -> Result:
+        """Hold the group until PyTorch would close it, close it, drain the tee, end the writer."""
         try:
-            await group.wait()
+            await self._hold(group, sample)
         finally:
+            self._settled.set()  # whatever happened: no wait() blocks on it any more
             try:
                 result = await group.close()
             finally:  # whatever close() did, the tee drains and the writer ends
                 await asyncio.gather(*consumers, return_exceptions=True)
                 self._writer.queue.put(None)
         return result
+
+    async def _hold(self, group: Group, sample: asyncio.Event) -> None:
+        """Until every rank ended, or a rank failed and PyTorch's poll (``sample``) came."""
+        attempt = group._attempt  # the facade never restarts: one attempt, its own
+        await attempt.settled()
+        self._settled.set()
+        await _first(attempt.ended(), sample.wait())
 
     def _conclude(self, result: Result) -> RunProcsResult:
         """The PyTorch view of corral's Result (computed once), after the tee is written."""
@@ -518,6 +564,21 @@ class SubprocessContext(PContext):
             stdouts=self.stdouts,
             stderrs=self.stderrs,
         )
+
+
+async def _first(*waits: Coroutine[object, object, object]) -> None:
+    """Wait until the first of ``waits`` ends; cancel the others."""
+    futures = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in futures:
+            future.cancel()
+
+
+def _next_poll(begun: float, now: float, period: float) -> float:
+    """The first of PyTorch's poll instants ``begun + k * period`` at or after ``now``."""
+    return begun + math.ceil((now - begun) / period) * period
 
 
 def _check_executable(program: str, env: Mapping[str, str]) -> None:
