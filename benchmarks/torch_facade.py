@@ -15,11 +15,17 @@ differs. Cases (median wall time, ms):
   module; torch: ``spawn``, whose ranks import torch for its ``_wrap``).
 * ``failure detection``: once started, rank 0 is released (FIFO) just as
   ``wait(period=...)`` begins; it writes ``time.time()`` and exits 3 while
-  the others sleep; that moment -> ``wait`` returns the failure (torch's
-  default ``period=1``, and ``period=0.1`` as PyTorch's tests use). torch's
-  first poll almost always comes before rank 0 has exited, so this is torch's
-  worst case, one whole period; a failure at a random moment waits half a
-  period on average under torch (halve torch's figure for that).
+  the others sleep; that moment -> ``wait`` returns the failure. Both close
+  the sleeping ranks at the first poll instant after the failure (corral.torch
+  keeps PyTorch's result: a peer that ends before then is not a failure), so
+  with ``period=1`` (the default) and ``0.1`` (PyTorch's tests) both wait
+  about one period: this is the worst case, half a period on average.
+  ``period=0`` is where they differ: PyTorch polls in a busy loop, corral.torch
+  waits for the exit event. ``(CPU)`` rows give this process's CPU time
+  during that wait, not its wall time.
+* ``(CPU) 1 s wait, period=0``: N sleeping ranks; ``wait(timeout=1,
+  period=0)`` returns ``None``; this process's CPU time meanwhile: the price
+  of PyTorch's millisecond detection.
 * ``close``: N sleeping ranks (started, each has said ``up`` through a FIFO)
   -> ``close()`` returns with every rank reaped.
 
@@ -83,7 +89,7 @@ def start_wait_function(mod: ModuleType, n: int) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-def failure_detection(mod: ModuleType, n: int, period: float) -> float:
+def failure_detection(mod: ModuleType, n: int, period: float, cpu: bool = False) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         stamp, go = Path(tmp) / "t", Path(tmp) / "go"
         os.mkfifo(go)
@@ -91,11 +97,22 @@ def failure_detection(mod: ModuleType, n: int, period: float) -> float:
         args.update(dict.fromkeys(range(1, n), ("-S", "-c", SLEEP)))
         pc = start(mod, PY, args)
         go.write_text("")  # rank 0 fails now, as wait() begins
+        used = time.process_time()
         result = pc.wait(period=period)
-        seen = time.time()
+        seen, used = time.time(), time.process_time() - used
         assert result is not None
         assert result.is_failed()
-        return (seen - float(stamp.read_text())) * 1000
+        return used * 1000 if cpu else (seen - float(stamp.read_text())) * 1000
+
+
+def idle_wait_cpu(mod: ModuleType, n: int) -> float:
+    pc = start(mod, PY, dict.fromkeys(range(n), ("-S", "-c", SLEEP)))
+    try:
+        used = time.process_time()
+        assert pc.wait(timeout=1, period=0) is None
+        return (time.process_time() - used) * 1000
+    finally:
+        pc.close()
 
 
 def close(mod: ModuleType, n: int) -> float:
@@ -126,6 +143,9 @@ def main() -> None:
         ("start+wait (function)", lambda m: start_wait_function(m, n)),
         ("failure detection, period=1", lambda m: failure_detection(m, n, 1.0)),
         ("failure detection, period=0.1", lambda m: failure_detection(m, n, 0.1)),
+        ("failure detection, period=0", lambda m: failure_detection(m, n, 0.0)),
+        ("  (CPU) period=0", lambda m: failure_detection(m, n, 0.0, cpu=True)),
+        ("(CPU) 1 s wait, period=0", lambda m: idle_wait_cpu(m, n)),
         ("close", lambda m: close(m, n)),
     ]
     print(f"{n} ranks, median of {opts.repeat} runs (ms); ratio = torch / corral.torch")

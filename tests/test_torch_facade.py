@@ -433,12 +433,18 @@ def test_a_context_that_never_started_closes_cleanly(tmp_path: Path) -> None:
         mpc.wait(0)
 
 
-def test_signal_to_the_supervisor_raises_signal_exception(tmp_path: Path) -> None:
-    """SIGTERM to a supervisor in wait() raises SignalException; close(sigval) ends the ranks."""
+def supervise(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], dict[int, int]]:
+    """Start ``children/torch_supervisor.py``; return it and its rank pids once both run."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(SRC.parent)]))
     script = Path(__file__).parent / "children" / "torch_supervisor.py"
     proc = subprocess.Popen(
-        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path
+        [sys.executable, str(script), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
     )
     try:
         assert proc.stdout is not None
@@ -446,18 +452,49 @@ def test_signal_to_the_supervisor_raises_signal_exception(tmp_path: Path) -> Non
         lines = sorted(proc.stdout.readline().split() for _ in range(3))
         assert lines[1:] == [["up"], ["up"]], lines
         assert lines[0][0] == "pids", lines
-        rank_pids = {i: int(p) for i, p in enumerate(lines[0][2:])}
+    except BaseException:
+        end(proc)
+        raise
+    return proc, {i: int(p) for i, p in enumerate(lines[0][2:])}
+
+
+def end(proc: subprocess.Popen[str]) -> None:
+    """Kill ``proc`` if it still runs (a failed assertion: its ranks die with it), reap it."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+
+
+def test_signal_to_the_supervisor_raises_signal_exception(tmp_path: Path) -> None:
+    """SIGTERM to a supervisor in wait() raises SignalException; close(sigval) ends the ranks."""
+    proc, rank_pids = supervise(tmp_path)
+    try:
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:  # a failed assertion: the ranks die with their supervisor
-            proc.kill()
-        proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        end(proc)
     assert proc.returncode == 0
     assert rest.split() == ["closed", "SIGTERM", "-15", "-15"]  # torch: both are failures
     assert gone(rank_pids)
+
+
+def test_a_context_left_running_is_closed_and_reaped_at_exit(tmp_path: Path) -> None:
+    """A program exiting without close(): its ranks get SIGTERM and are reaped before it ends.
+
+    Without that, corral's containment kills them when the supervisor is gone,
+    but their zombies wait for the system's init (here: seconds).
+    """
+    proc, rank_pids = supervise(tmp_path, "exit")
+    try:
+        _, err = proc.communicate("go\n", timeout=30)
+    finally:
+        end(proc)
+    assert proc.returncode == 3
+    assert "'trainer' was still running at exit: closing its ranks" in err
+    assert gone(rank_pids)  # reaped, not zombies
+    (report,) = tmp_path.glob("logs/*/attempt_0/report.json")
+    ranks = json.loads(report.read_text())["attempts"][0]["ranks"]
+    assert [r["exitcode"] for r in ranks] == [-15, -15]  # SIGTERM first, as close() does
 
 
 @pytest.mark.parametrize("when", ["while starting", "once started"])

@@ -2,7 +2,8 @@
 
 Prints ``pids <supervisor> <rank pids...>`` once its ranks run, then waits;
 on ``SignalException`` it closes with that signal and prints
-``closed <signal name> <exit codes>``.
+``closed <signal name> <exit codes>``. With the argument ``exit`` it instead
+reads one line from stdin, then exits 3 leaving the context running.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ def main() -> None:
         # machines set PYTHONUNBUFFERED) writes piece by piece, letting "up" in between.
         pids = ["pids", os.getpid(), *pc.pids().values()]
         os.write(1, " ".join(map(str, pids)).encode() + b"\n")
+        if sys.argv[1:] == ["exit"]:
+            sys.stdin.readline()
+            sys.exit(3)  # no close(): corral.torch closes the context at exit
         pc.wait(timeout=60)
     except SignalException as e:
         pc.close(e.sigval, timeout=5)

@@ -21,6 +21,7 @@ submits coroutines there and waits for their futures, so:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import contextvars
@@ -65,6 +66,8 @@ START_METHODS: Final = ("spawn", "fork", "forkserver")
 #: Lines the console writer may fall behind before the tee skips some, saying
 #: so (the log files keep every line; the filter files get every match).
 TEE_BACKLOG: Final = 100_000
+#: Seconds between SIGTERM and SIGKILL for a context still running at exit.
+EXIT_GRACE: Final = 5
 _STREAMS: Final = (("stdout", "out", CoreStd.OUT), ("stderr", "err", CoreStd.ERR))
 
 
@@ -379,6 +382,7 @@ class PContext:
         finished: concurrent.futures.Future[Result] = concurrent.futures.Future()
 
         def relay(t: asyncio.Task[Result]) -> None:
+            _RUNNING.discard(self)
             if t.cancelled():
                 finished.cancel()
             elif (exc := t.exception()) is not None:
@@ -387,6 +391,7 @@ class PContext:
                 finished.set_result(t.result())
 
         task.add_done_callback(relay)
+        _RUNNING.add(self)
         return group, finished, dict(group.pids)
 
     async def _tee(self, lines: AsyncIterator[Line], stream: str) -> None:
@@ -579,6 +584,26 @@ async def _first(*waits: Coroutine[object, object, object]) -> None:
 def _next_poll(begun: float, now: float, period: float) -> float:
     """The first of PyTorch's poll instants ``begun + k * period`` at or after ``now``."""
     return begun + math.ceil((now - begun) / period) * period
+
+
+#: Contexts whose ranks may still run (added once started, removed once closed).
+_RUNNING: set[PContext] = set()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Close what the program left running (an uncaught exception, a signal before its ``try``).
+
+    corral's containment would kill those ranks anyway once this process is
+    gone; closing them here ends them in order (SIGTERM first, the tee
+    written) and reaps them, so no zombie waits for the system's init.
+    """
+    for context in list(_RUNNING):
+        log.warning("corral.torch: %r was still running at exit: closing its ranks", context.name)
+        try:
+            context.close(timeout=EXIT_GRACE)
+        except Exception:
+            log.exception("corral.torch: could not close %r at exit", context.name)
 
 
 def _check_executable(program: str, env: Mapping[str, str]) -> None:
