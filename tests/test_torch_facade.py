@@ -71,23 +71,28 @@ def read_ready(path: str) -> None:
         assert f.readline() == "ready\n"
 
 
-def release_once_blocked(go: Path) -> threading.Thread:
-    """Write ``go`` into the FIFO ``go`` from a thread that runs once this one blocks.
+class _ReleasingEvent(threading.Event):
+    """The facade's "a rank failed" event, releasing ``go`` when ``wait()`` first blocks on it."""
 
-    The thread is woken here but needs the GIL, which this thread holds until
-    its next blocking call (the ``wait()`` that follows): no rank is released
-    before that call has begun.
+    def __init__(self, go: Path) -> None:
+        super().__init__()
+        self._go: Path | None = go
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._go is not None:
+            go, self._go = self._go, None
+            go.write_text("go")  # the rank blocked reading the FIFO runs on
+        return super().wait(timeout)
+
+
+def release_in_wait(pc: PContext, go: Path) -> None:
+    """Release the rank reading the FIFO ``go`` from inside ``pc``'s next ``wait()``.
+
+    The handshake that puts a failure after ``wait()`` has begun (PyTorch's
+    first poll instant is the call's start).
     """
-    release = threading.Event()
-
-    def write() -> None:
-        release.wait()
-        go.write_text("go")
-
-    thread = threading.Thread(target=write)
-    thread.start()
-    release.set()
-    return thread
+    assert not pc._settled.is_set()
+    pc._settled = _ReleasingEvent(go)
 
 
 def finished(pc: PContext) -> RunProcsResult:
@@ -273,28 +278,47 @@ def test_binary_failure_closes_peers_and_counts_them_as_torch_does(tmp_path: Pat
 def test_a_peer_ending_before_torchs_poll_is_not_closed(tmp_path: Path) -> None:
     """A failure is held until PyTorch's poll: a peer that ends by then keeps its exit 0.
 
-    Rank 1 exits 0 just after rank 0 exits 3 (rank 0 releases it). PyTorch,
-    polling every 30 s, would see both ended: one failure. No poll instant
-    falls before the 20 s timeout, so a result proves the wait returned on
-    rank 1's own exit, not at a poll.
+    Once wait() has begun, rank 0 is released; it releases rank 1 and exits 3;
+    rank 1 then exits 0. PyTorch, polling every 30 s, would see both ended:
+    one failure. No poll instant falls before the 20 s timeout, so a result
+    proves the wait returned on rank 1's own exit, not at a poll.
     """
-    go = tmp_path / "go"
+    go, peer = tmp_path / "go", tmp_path / "peer"
     os.mkfifo(go)
-    exe, fail_args = python(f"import sys; open({str(go)!r}, 'w').write('go'); sys.exit(3)")
-    _, wait_args = python(f"open({str(go)!r}).read()")
+    os.mkfifo(peer)
+    exe, fail_args = python(
+        f"import sys; open({str(go)!r}).read(); open({str(peer)!r}, 'w').write('go'); sys.exit(3)"
+    )
+    _, wait_args = python(f"open({str(peer)!r}).read()")
     pc = start_processes(
         "bin", exe, {0: fail_args, 1: wait_args}, {0: {}, 1: {}}, DefaultLogsSpecs(str(tmp_path))
     )
+    release_in_wait(pc, go)
     result = pc.wait(timeout=20, period=30)
     assert result is not None
     assert {r: f.exitcode for r, f in result.failures.items()} == {0: 3}
     assert gone(pc.pids())
 
 
+def test_wait_0_closes_the_others_once_a_failure_is_seen(tmp_path: Path, fifo: str) -> None:
+    """torchrun's agent polls with wait(0): a failure seen before the call closes the rest."""
+    exe, fail_args = python("import sys; sys.exit(3)")
+    _, up_args = python(f"open({fifo!r}, 'w').write('ready\\n'); import time; time.sleep(600)")
+    pc = start_processes(
+        "bin", exe, {0: fail_args, 1: up_args}, {0: {}, 1: {}}, DefaultLogsSpecs(str(tmp_path))
+    )
+    read_ready(fifo)
+    assert pc._settled.wait(timeout=30)  # the facade has seen rank 0's failure
+    result = pc.wait(0)
+    assert result is not None
+    assert {r: f.exitcode for r, f in result.failures.items()} == {0: 3, 1: -15}
+    assert gone(pc.pids())
+
+
 def test_peers_still_running_are_closed_at_torchs_poll(tmp_path: Path, fifo: str) -> None:
     """A failure during wait() closes the others at the next poll instant, not before.
 
-    Rank 0 fails once released, after wait() has begun. With
+    Rank 0 fails once released from inside wait(). With
     ``period=10`` no poll instant falls before the timeout: None, rank 1 runs
     on. A later ``wait(period=0)`` closes it at once; ``period=0.2`` closes it
     at the first instant after the failure.
@@ -312,9 +336,8 @@ def test_peers_still_running_are_closed_at_torchs_poll(tmp_path: Path, fifo: str
             DefaultLogsSpecs(str(tmp_path / str(period))),
         )
         read_ready(fifo)
-        releaser = release_once_blocked(go)
+        release_in_wait(pc, go)
         result = pc.wait(timeout=timeout, period=period)
-        releaser.join()
         if expect_none:
             assert result is None
             assert psutil.Process(pc.pids()[1]).status() != psutil.STATUS_ZOMBIE
@@ -495,6 +518,19 @@ def test_a_context_left_running_is_closed_and_reaped_at_exit(tmp_path: Path) -> 
     (report,) = tmp_path.glob("logs/*/attempt_0/report.json")
     ranks = json.loads(report.read_text())["attempts"][0]["ranks"]
     assert [r["exitcode"] for r in ranks] == [-15, -15]  # SIGTERM first, as close() does
+
+
+def test_a_forked_child_leaves_its_parents_context_alone_at_exit(tmp_path: Path) -> None:
+    """A child forked from a supervisor exits at once; the parent's ranks run on."""
+    proc, rank_pids = supervise(tmp_path, "fork")
+    try:
+        out, err = proc.communicate("go\n", timeout=30)
+    finally:
+        end(proc)
+    assert proc.returncode == 0, err
+    assert out.split() == ["forked", "0", "None"]
+    assert "still running at exit" not in err
+    assert gone(rank_pids)
 
 
 @pytest.mark.parametrize("when", ["while starting", "once started"])

@@ -3,7 +3,10 @@
 Prints ``pids <supervisor> <rank pids...>`` once its ranks run, then waits;
 on ``SignalException`` it closes with that signal and prints
 ``closed <signal name> <exit codes>``. With the argument ``exit`` it instead
-reads one line from stdin, then exits 3 leaving the context running.
+reads one line from stdin, then exits 3 leaving the context running. With
+``fork``, it reads one line, forks a child that exits at once (running the
+atexit hooks), then prints ``forked <child's exit status> <wait(0)>`` and
+closes its context.
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ def main() -> None:
         if sys.argv[1:] == ["exit"]:
             sys.stdin.readline()
             sys.exit(3)  # no close(): corral.torch closes the context at exit
+        if sys.argv[1:] == ["fork"]:
+            sys.stdin.readline()
+            if (child := os.fork()) == 0:
+                sys.exit(0)  # the context is the parent's: the hook leaves it alone
+            _, status = os.waitpid(child, 0)
+            print("forked", status, pc.wait(0), flush=True)
+            pc.close()
+            return
         pc.wait(timeout=60)
     except SignalException as e:
         pc.close(e.sigval, timeout=5)

@@ -229,10 +229,10 @@ class PContext:
         Returns ``None`` while ranks still run; else the result (every rank
         reaped, the group closed, the tee written). The ranks' exits wake it
         (no polling); after a failure, the other ranks are closed at the first
-        of PyTorch's poll instants (this call's start plus a whole number of
-        periods; ``period <= 0``: at once) unless they have all ended
-        by then, so the failures are those PyTorch would report. When no poll
-        instant is left before ``timeout``, it returns ``None`` as PyTorch does.
+        of PyTorch's poll instants (this call's start, ``timeout=0`` included,
+        then every ``period``; ``period <= 0``: at once) unless they have all
+        ended by then, so the failures are those PyTorch would report. When no
+        poll instant is left before ``timeout``, it returns ``None`` as PyTorch does.
         """
         finished = self._finished
         if finished is None:
@@ -242,18 +242,17 @@ class PContext:
         settled_before = self._settled.is_set()
         if not settled_before and not self._settled.wait(None if expiry is None else timeout):
             return None
-        if not finished.done():  # a rank failed while others still run
-            now = time.monotonic()
-            poll = now if settled_before or period <= 0 else _next_poll(begun, now, period)
-            if expiry is not None and poll >= expiry:  # PyTorch polls no more before then
-                try:
-                    return self._conclude(finished.result(max(expiry - now, 0.0)))
+        if not finished.done():  # a rank failed and others run (or the close is under way)
+            # PyTorch polls at the call's start (timeout=0 included), then every period.
+            if not settled_before and period > 0:
+                now = time.monotonic()
+                poll = _next_poll(begun, now, period)
+                until = poll if expiry is None else min(poll, expiry)
+                try:  # the others may all end on their own before the poll
+                    return self._conclude(finished.result(max(until - now, 0.0)))
                 except concurrent.futures.TimeoutError:
-                    return None
-            try:  # the others may all end on their own before the poll
-                return self._conclude(finished.result(max(poll - now, 0.0)))
-            except concurrent.futures.TimeoutError:
-                pass
+                    if expiry is not None and poll >= expiry:  # no poll before the timeout
+                        return None
             self._poll_now()
         return self._conclude(finished.result())
 
@@ -583,7 +582,8 @@ async def _first(*waits: Coroutine[object, object, object]) -> None:
 
 def _next_poll(begun: float, now: float, period: float) -> float:
     """The first of PyTorch's poll instants ``begun + k * period`` at or after ``now``."""
-    return begun + math.ceil((now - begun) / period) * period
+    polls = (now - begun) / period
+    return begun + math.ceil(polls) * period if math.isfinite(polls) else now
 
 
 #: Contexts whose ranks may still run (added once started, removed once closed).
@@ -602,8 +602,12 @@ def _close_at_exit() -> None:
         log.warning("corral.torch: %r was still running at exit: closing its ranks", context.name)
         try:
             context.close(timeout=EXIT_GRACE)
-        except Exception:
+        except BaseException:  # Ctrl-C cuts the close short (SIGKILL, reaped): on with the rest
             log.exception("corral.torch: could not close %r at exit", context.name)
+
+
+# A forked child has the contexts but not the loop thread: they are its parent's.
+os.register_at_fork(after_in_child=_RUNNING.clear)
 
 
 def _check_executable(program: str, env: Mapping[str, str]) -> None:
