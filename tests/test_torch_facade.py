@@ -513,11 +513,53 @@ def test_a_context_left_running_is_closed_and_reaped_at_exit(tmp_path: Path) -> 
     finally:
         end(proc)
     assert proc.returncode == 3
-    assert "'trainer' was still running at exit: closing its ranks" in err
+    assert "'trainer' was still running at exit: closing it" in err
     assert gone(rank_pids)  # reaped, not zombies
     (report,) = tmp_path.glob("logs/*/attempt_0/report.json")
     ranks = json.loads(report.read_text())["attempts"][0]["ranks"]
     assert [r["exitcode"] for r in ranks] == [-15, -15]  # SIGTERM first, as close() does
+
+
+def test_ctrl_c_during_the_exit_close_still_closes_every_context(tmp_path: Path) -> None:
+    """A Ctrl-C while the exit hook closes one context cuts that close short; the next is closed.
+
+    The ranks ignore SIGTERM; the contexts were started off the main thread,
+    so the Ctrl-C is a KeyboardInterrupt (no SignalException handler).
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(SRC.parent)]))
+    script = Path(__file__).parent / "children" / "torch_exit_interrupt.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        lines = sorted(proc.stdout.readline().split() for _ in range(3))
+        assert lines[1:] == [["up"], ["up"]], lines
+        rank_pids = dict(enumerate(int(p) for p in lines[0][1:]))
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        # (first, the warning that no signal handler was installed off the main thread)
+        while "was still running at exit" not in (first := proc.stderr.readline()):
+            assert first, "the supervisor ended without closing anything at exit"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        end(proc)
+    names = {"first", "second"}
+    interrupted = next(n for n in names if repr(n) in first)
+    (other,) = names - {interrupted}
+    assert f"{other!r} was still running at exit" in err
+    assert f"could not close {interrupted!r} at exit" in err
+    assert "KeyboardInterrupt" in err
+    assert gone(rank_pids)
 
 
 def test_a_forked_child_leaves_its_parents_context_alone_at_exit(tmp_path: Path) -> None:

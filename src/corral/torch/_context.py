@@ -599,9 +599,11 @@ def _close_at_exit() -> None:
     written) and reaps them, so no zombie waits for the system's init.
     """
     for context in list(_RUNNING):
-        log.warning("corral.torch: %r was still running at exit: closing its ranks", context.name)
         try:
-            context.close(timeout=EXIT_GRACE)
+            try:
+                log.warning("corral.torch: %r was still running at exit: closing it", context.name)
+            finally:  # a Ctrl-C while the warning is written: the close still runs
+                context.close(timeout=EXIT_GRACE)
         except BaseException:  # Ctrl-C cuts the close short (SIGKILL, reaped): on with the rest
             log.exception("corral.torch: could not close %r at exit", context.name)
 
