@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +26,7 @@ from corral.torch import (
     start_processes,
     to_map,
 )
+from corral.torch._wake import InterruptibleEvent
 
 from .children import torch_fns
 
@@ -71,7 +71,7 @@ def read_ready(path: str) -> None:
         assert f.readline() == "ready\n"
 
 
-class _ReleasingEvent(threading.Event):
+class _ReleasingEvent(InterruptibleEvent):
     """The facade's "a rank failed" event, releasing ``go`` when ``wait()`` first blocks on it."""
 
     def __init__(self, go: Path) -> None:
@@ -498,6 +498,26 @@ def test_signal_to_the_supervisor_raises_signal_exception(tmp_path: Path) -> Non
         end(proc)
     assert proc.returncode == 0
     assert rest.split() == ["closed", "SIGTERM", "-15", "-15"]  # torch: both are failures
+    assert gone(rank_pids)
+
+
+def test_a_signal_whose_handler_runs_in_another_thread_still_ends_wait_at_once(
+    tmp_path: Path,
+) -> None:
+    """The main thread blocked in wait(timeout=60) gets its SignalException now, not at 60 s.
+
+    The same hole as a SIGTERM landing just before wait() blocks (PyTorch's
+    test_no_zombie_process_binary sends it then): the signal's C handler runs
+    while nothing interrupts the main thread's sleep. Before the wake-up
+    descriptor, the exception came when the timeout expired.
+    """
+    proc, rank_pids = supervise(tmp_path, "thread-signal")
+    try:
+        rest, _ = proc.communicate("go\n", timeout=30)
+    finally:
+        end(proc)
+    assert proc.returncode == 0
+    assert rest.split() == ["closed", "SIGTERM", "-15", "-15"]
     assert gone(rank_pids)
 
 

@@ -6,15 +6,29 @@ on ``SignalException`` it closes with that signal and prints
 reads one line from stdin, then exits 3 leaving the context running. With
 ``fork``, it reads one line, forks a child that exits at once (running the
 atexit hooks), then prints ``forked <child's exit status> <wait(0)>`` and
-closes its context.
+closes its context. With ``thread-signal``, it reads one line, then the SIGTERM
+comes from a thread of its own, once the main thread is blocked in ``wait()``: the signal's C
+handler runs in that thread, and nothing interrupts the main thread's wait
+but corral.torch's wake-up descriptor.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
-from corral.torch import DefaultLogsSpecs, SignalException, start_processes
+from tests.children.blocked import until_main_thread_sleeps_in
+
+from corral.torch import DefaultLogsSpecs, PContext, SignalException, start_processes
+
+
+def signal_from_this_thread() -> None:
+    """After a line on stdin: SIGTERM to this very thread once the main thread blocks in wait()."""
+    sys.stdin.readline()
+    until_main_thread_sleeps_in(PContext.wait.__code__)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
 
 
 def main() -> None:
@@ -42,6 +56,8 @@ def main() -> None:
             print("forked", status, pc.wait(0), flush=True)
             pc.close()
             return
+        if sys.argv[1:] == ["thread-signal"]:
+            threading.Thread(target=signal_from_this_thread, daemon=True).start()
         pc.wait(timeout=60)
     except SignalException as e:
         pc.close(e.sigval, timeout=5)

@@ -48,6 +48,7 @@ from ._api import (
     terminate_handler,
     validate_full_rank,
 )
+from ._wake import InterruptibleEvent
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
@@ -95,7 +96,7 @@ class _Writer:
 
     def __init__(self, files: list[TextIO]) -> None:
         self.queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
-        self.done = threading.Event()
+        self.done = InterruptibleEvent()
         self._files = files
         self._thread: threading.Thread | None = None
 
@@ -124,6 +125,7 @@ class _Writer:
 
     def join(self) -> None:
         if self._thread is not None:
+            self.done.wait()  # set as the thread ends; a signal's handler cuts it short
             self._thread.join()
         else:
             for f in self._files:
@@ -195,8 +197,12 @@ class PContext:
         ]
         self._tail_logs += [_TailLog(f"filtered_std{s}", self._writer.done) for s in self._filters]
         self._group: Group | None = None
-        #: Set (from the loop) once a rank failed or every rank ended.
-        self._settled = threading.Event()
+        #: Set (from the loop) once a rank failed or every rank ended. Every
+        #: wait of the caller's thread is on an ``InterruptibleEvent``: a
+        #: signal's handler (``SignalException``) cuts it short at once.
+        self._settled = InterruptibleEvent()
+        #: Set (from the loop) once ``_finished`` is done.
+        self._done = InterruptibleEvent()
         #: Set (on the loop) to close the other ranks after a failure: PyTorch's poll.
         self._sample: asyncio.Event | None = None
         self._finished: concurrent.futures.Future[Result] | None = None
@@ -248,12 +254,13 @@ class PContext:
                 now = time.monotonic()
                 poll = _next_poll(begun, now, period)
                 until = poll if expiry is None else min(poll, expiry)
-                try:  # the others may all end on their own before the poll
-                    return self._conclude(finished.result(max(until - now, 0.0)))
-                except concurrent.futures.TimeoutError:
-                    if expiry is not None and poll >= expiry:  # no poll before the timeout
-                        return None
+                # the others may all end on their own before the poll
+                if self._done.wait(max(until - now, 0.0)):
+                    return self._conclude(finished.result())
+                if expiry is not None and poll >= expiry:  # no poll before the timeout
+                    return None
             self._poll_now()
+        self._done.wait()
         return self._conclude(finished.result())
 
     def pids(self) -> dict[int, int]:
@@ -269,6 +276,7 @@ class PContext:
             return
         if not finished.done():
             _call(group.close(timeout, sig=sig))
+        self._done.wait()
         self._conclude(finished.result())
 
     # -- corral ---------------------------------------------------------------
@@ -388,6 +396,7 @@ class PContext:
                 finished.set_exception(exc)
             else:
                 finished.set_result(t.result())
+            self._done.set()
 
         task.add_done_callback(relay)
         _RUNNING.add(self)
@@ -640,7 +649,7 @@ def _call(
     its result first (a started group is closed, never left unsupervised).
     """
     loop = _bridge.core_loop()
-    done = threading.Event()
+    done = InterruptibleEvent()
     tasks: list[asyncio.Task[T]] = []
 
     def start() -> None:

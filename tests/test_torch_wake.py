@@ -1,0 +1,141 @@
+"""corral.torch's InterruptibleEvent: a main-thread wait that signals cut short."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+from typing import TYPE_CHECKING
+
+import pytest
+
+from corral.torch._wake import InterruptibleEvent
+
+from .children import blocked
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from types import FrameType
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def program_fd() -> Iterator[tuple[int, socket.socket]]:
+    """A wake-up descriptor of the program's own (asyncio's kind: a socket) and its reader."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    before = signal.set_wakeup_fd(ours.fileno())
+    try:
+        yield ours.fileno(), theirs
+    finally:
+        signal.set_wakeup_fd(before)
+        ours.close()
+        theirs.close()
+
+
+def current_wakeup_fd() -> int:
+    fd = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(fd)
+    return fd
+
+
+@pytest.fixture
+def usr1() -> Iterator[list[int]]:
+    """SIGUSR1 handled by a recording handler (raising once the list holds ``-1``)."""
+    seen: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if seen[-1:] == [-1]:
+            raise Interrupted
+        seen.append(signum)
+
+    before = signal.signal(signal.SIGUSR1, handler)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
+def test_set_from_another_thread_wakes_the_main_thread() -> None:
+    event = InterruptibleEvent()
+    threading.Timer(0.01, event.set).start()
+    assert event.wait(30)
+    assert event.wait(0)  # set stays set
+
+
+def test_a_wait_that_times_out_returns_false_on_any_thread() -> None:
+    event = InterruptibleEvent()
+    assert not event.wait(0.01)
+    assert not event.wait(0)
+    results: list[bool] = []
+    worker = threading.Thread(target=lambda: results.append(event.wait(0.01)))
+    worker.start()
+    worker.join()
+    assert results == [False]
+
+
+def test_the_programs_descriptor_is_put_back_and_gets_the_signals_that_came(
+    program_fd: tuple[int, socket.socket], usr1: list[int]
+) -> None:
+    """A handler that returns: the wait goes on; asyncio's self-pipe still hears of the signal."""
+    fd, reader = program_fd
+    event = InterruptibleEvent()
+
+    def signal_then_set() -> None:
+        blocked.until_main_thread_sleeps_in(InterruptibleEvent.wait.__code__)
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)  # its C handler runs here
+        event.set()
+
+    helper = threading.Thread(target=signal_then_set)
+    helper.start()
+    assert event.wait(30)
+    helper.join()
+    assert usr1 == [signal.SIGUSR1]
+    assert reader.recv(16) == bytes([signal.SIGUSR1])
+    assert current_wakeup_fd() == fd
+
+
+def test_a_handler_that_raises_ends_the_wait_at_once_and_the_descriptor_is_put_back(
+    program_fd: tuple[int, socket.socket], usr1: list[int]
+) -> None:
+    """The signal's C handler runs in another thread: nothing else wakes the main thread.
+
+    With ``threading.Event``, this wait would last its 60 s (then the test's timeout).
+    """
+    fd, reader = program_fd
+    usr1.append(-1)  # the handler raises
+    event = InterruptibleEvent()
+
+    def signal_from_here() -> None:
+        blocked.until_main_thread_sleeps_in(InterruptibleEvent.wait.__code__)
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+
+    helper = threading.Thread(target=signal_from_here)
+    helper.start()
+    with pytest.raises(Interrupted):
+        event.wait(60)
+    helper.join()
+    assert reader.recv(16) == bytes([signal.SIGUSR1])
+    assert current_wakeup_fd() == fd
+
+
+def test_a_wait_off_the_main_thread_leaves_the_descriptor_alone(
+    program_fd: tuple[int, socket.socket],
+) -> None:
+    fd, _ = program_fd
+    event = InterruptibleEvent()
+    seen: list[int] = []
+
+    def wait_then_look() -> None:
+        assert event.wait(30)
+
+    waiter = threading.Thread(target=wait_then_look)
+    waiter.start()
+    seen.append(current_wakeup_fd())
+    event.set()
+    waiter.join()
+    assert seen == [fd]
