@@ -521,6 +521,38 @@ def test_a_signal_whose_handler_runs_in_another_thread_still_ends_wait_at_once(
     assert gone(rank_pids)
 
 
+def test_a_sigterm_as_wait_begins_is_raised_at_once_round_after_round(tmp_path: Path) -> None:
+    """PyTorch's zombie test's timing, 100 times: the SIGTERM comes as wait() goes to sleep.
+
+    Before the wake-up descriptor, about 1 round in 10-25 raised its
+    SignalException only at wait()'s timeout (20 s here; 300 s in PyTorch's
+    test, whose ranks were then still alive when it looked).
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(SRC.parent)]))
+    script = Path(__file__).parent / "children" / "torch_signal_race.py"
+    rounds = 100
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(rounds)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    outcomes = []
+    try:
+        assert proc.stdout is not None
+        for _ in range(rounds):
+            assert proc.stdout.readline() == "ready\n"
+            proc.send_signal(signal.SIGTERM)
+            outcomes.append(proc.stdout.readline().split())
+        assert proc.wait(timeout=30) == 0
+    finally:
+        end(proc)
+    assert all(o[0] == "exc" for o in outcomes), outcomes
+    late = [o for o in outcomes if float(o[1]) >= 10]  # the wait's timeout (20 s), not a signal
+    assert not late, f"{len(late)} of {rounds} SignalExceptions came at the timeout"
+
+
 def test_a_context_left_running_is_closed_and_reaped_at_exit(tmp_path: Path) -> None:
     """A program exiting without close(): its ranks get SIGTERM and are reaped before it ends.
 
