@@ -26,6 +26,13 @@ differs. Cases (median wall time, ms):
 * ``(CPU) 1 s wait, period=0``: N sleeping ranks; ``wait(timeout=1,
   period=0)`` returns ``None``; this process's CPU time meanwhile: the price
   of PyTorch's millisecond detection.
+* ``SIGTERM handled by another thread``: N sleeping ranks; 50 ms into
+  ``wait()``, a thread of this process sends SIGTERM to itself, so the
+  signal's C handler runs there and nothing interrupts the main thread's
+  sleep (a signal landing just before that sleep begins is the same case):
+  that signal -> ``SignalException``. PyTorch sees it when its
+  ``time.sleep(period)`` ends (period=1), corral.torch at once (a wake-up
+  descriptor).
 * ``close``: N sleeping ranks (started, each has said ``up`` through a FIFO)
   -> ``close()`` returns with every rank reaped.
 
@@ -35,10 +42,13 @@ Needs torch (``pip install 'corral[bench]'``).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,6 +125,28 @@ def idle_wait_cpu(mod: ModuleType, n: int) -> float:
         pc.close()
 
 
+def signal_latency(mod: ModuleType, n: int) -> float:
+    signal_exception = importlib.import_module(f"{mod.__name__}.api").SignalException
+    sent: list[float] = []
+
+    def killer() -> None:
+        time.sleep(0.05)  # the main thread is asleep in wait() by then
+        sent.append(time.perf_counter())
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+    pc = start(mod, PY, dict.fromkeys(range(n), ("-S", "-c", SLEEP)))
+    thread = threading.Thread(target=killer)
+    try:
+        thread.start()
+        pc.wait(timeout=30)
+        raise AssertionError("wait() ended without a SignalException")
+    except signal_exception as e:
+        latency = time.perf_counter() - sent[-1]
+        pc.close(e.sigval)
+    thread.join()
+    return latency * 1000
+
+
 def close(mod: ModuleType, n: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         fifos = [Path(tmp) / f"up{r}" for r in range(n)]
@@ -146,16 +178,17 @@ def main() -> None:
         ("failure detection, period=0", lambda m: failure_detection(m, n, 0.0)),
         ("  (CPU) period=0", lambda m: failure_detection(m, n, 0.0, cpu=True)),
         ("(CPU) 1 s wait, period=0", lambda m: idle_wait_cpu(m, n)),
+        ("SIGTERM handled by another thread", lambda m: signal_latency(m, n)),
         ("close", lambda m: close(m, n)),
     ]
     print(f"{n} ranks, median of {opts.repeat} runs (ms); ratio = torch / corral.torch")
-    print(f"{'case':32} {'corral.torch':>12} {'torch':>10} {'ratio':>7}")
+    print(f"{'case':36} {'corral.torch':>12} {'torch':>10} {'ratio':>7}")
     global LOGS
     with tempfile.TemporaryDirectory(prefix="bench-torch-") as LOGS:
         for name, case in cases:
             ours = statistics.median(case(ct) for _ in range(opts.repeat))
             theirs = statistics.median(case(tem) for _ in range(opts.repeat))
-            print(f"{name:32} {ours:12.1f} {theirs:10.1f} {theirs / ours:7.1f}x", flush=True)
+            print(f"{name:36} {ours:12.1f} {theirs:10.1f} {theirs / ours:7.1f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ import time
 
 __all__ = ("InterruptibleEvent",)
 
+#: A pipe's default capacity (Linux): one read empties it.
+_PIPE_BYTES = 65536
 _lock = threading.Lock()
 #: (read end, write end) of the wake-up pipe, both non-blocking; made at the first wait.
 _pipe: tuple[int, int] | None = None
@@ -91,12 +93,12 @@ def _drain(fd: int) -> bytes:
     chunks = []
     while True:
         try:
-            chunk = os.read(fd, 4096)
+            chunk = os.read(fd, _PIPE_BYTES)
         except BlockingIOError:
             break
-        if not chunk:
-            break
         chunks.append(chunk)
+        if len(chunk) < _PIPE_BYTES:  # a pipe's read returns all it holds, up to the size
+            break
     return b"".join(chunks).replace(b"\0", b"")
 
 
