@@ -264,10 +264,18 @@ async def test_closing_a_node_whose_ranks_are_done_ends_at_once(tmp_path: Path) 
     import asyncio
 
     endpoint = f"127.0.0.1:{free_port()}"
-    code = "import os, sys, time; time.sleep(600 if os.environ['GROUP_RANK'] == '1' else 0)"
+    # Node 0's rank ends once the test says so (its FIFO), after the hook below is in:
+    # ended sooner, under load, node 0 could tell the world before the test listens.
+    go = tmp_path / "go.fifo"
+    os.mkfifo(go)
+    code = (
+        "import os, sys, time\n"
+        "if os.environ['GROUP_RANK'] == '1': time.sleep(600)\n"
+        "else: open(sys.argv[1]).read()"
+    )
     groups = [
         corral.spawn(
-            [PY, "-c", code],
+            [PY, "-c", code, str(go)],
             nprocs=1,
             log_dir=tmp_path / f"node{k}",
             rendezvous=Rendezvous(endpoint=endpoint, run_id="close", nnodes=2),
@@ -289,6 +297,7 @@ async def test_closing_a_node_whose_ranks_are_done_ends_at_once(tmp_path: Path) 
 
         node.publish = publish  # type: ignore[method-assign]
         try:
+            await asyncio.to_thread(go.write_text, "")  # node 0's rank ends now
             await published.wait()
             first = await groups[0].close()
             second = await groups[1].wait()
