@@ -5,10 +5,12 @@ from __future__ import annotations
 import signal
 import socket
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import pytest
 
+from corral.torch._context import _Writer
 from corral.torch._wake import InterruptibleEvent
 
 from .children import blocked
@@ -116,8 +118,10 @@ def test_a_handler_that_raises_ends_the_wait_at_once_and_the_descriptor_is_put_b
 
     helper = threading.Thread(target=signal_from_here)
     helper.start()
+    began = time.monotonic()
     with pytest.raises(Interrupted):
         event.wait(60)
+    assert time.monotonic() - began < 30  # the signal ended it, not the timeout
     helper.join()
     assert reader.recv(16) == bytes([signal.SIGUSR1])
     assert current_wakeup_fd() == fd
@@ -139,3 +143,47 @@ def test_a_wait_off_the_main_thread_leaves_the_descriptor_alone(
     event.set()
     waiter.join()
     assert seen == [fd]
+
+
+def test_a_timeout_longer_than_poll_takes_is_accepted() -> None:
+    """poll() takes at most 2**31-1 ms (24.8 days); a longer wait still works."""
+    event = InterruptibleEvent()
+    threading.Timer(0.01, event.set).start()
+    assert event.wait(30 * 86400)
+
+
+def test_a_descriptor_a_handler_changes_during_the_wait_stays(
+    program_fd: tuple[int, socket.socket],
+) -> None:
+    """A handler closing asyncio's loop meanwhile (wake-up fd -1): that is what stays."""
+    event = InterruptibleEvent()
+
+    def drop_it(signum: int, frame: FrameType | None) -> None:
+        signal.set_wakeup_fd(-1)
+        raise Interrupted
+
+    def signal_from_here() -> None:
+        blocked.until_main_thread_sleeps_in(InterruptibleEvent.wait.__code__)
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+
+    before = signal.signal(signal.SIGUSR1, drop_it)
+    try:
+        helper = threading.Thread(target=signal_from_here)
+        helper.start()
+        with pytest.raises(Interrupted):
+            event.wait(60)
+        helper.join()
+        assert current_wakeup_fd() == -1
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
+def test_the_tee_writer_ends_even_if_closing_its_file_fails() -> None:
+    """A filter file on a full disk: its last flush fails at close; join() still returns."""
+    full = open("/dev/full", "w")  # noqa: SIM115 - the writer closes it
+    writer = _Writer([full])
+    writer.start()
+    writer.queue.put((full, "a line the disk has no room for\n"))
+    writer.queue.put(None)
+    writer.join()
+    assert writer.done.is_set()

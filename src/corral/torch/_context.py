@@ -119,18 +119,22 @@ class _Writer:
                     name = getattr(dest, "name", "?")
                     log.warning("corral.torch: stopped writing to %s: %s", name, exc)
         finally:
+            self._close_files()
+
+    def _close_files(self) -> None:
+        try:
             for f in self._files:
-                f.close()
-            self.done.set()
+                with contextlib.suppress(OSError, ValueError):  # its last flush: a full disk
+                    f.close()
+        finally:
+            self.done.set()  # join() waits for this: set whatever happened
 
     def join(self) -> None:
         if self._thread is not None:
             self.done.wait()  # set as the thread ends; a signal's handler cuts it short
             self._thread.join()
         else:
-            for f in self._files:
-                f.close()
-            self.done.set()
+            self._close_files()
 
 
 class PContext:
@@ -389,14 +393,16 @@ class PContext:
         finished: concurrent.futures.Future[Result] = concurrent.futures.Future()
 
         def relay(t: asyncio.Task[Result]) -> None:
-            _RUNNING.discard(self)
-            if t.cancelled():
-                finished.cancel()
-            elif (exc := t.exception()) is not None:
-                finished.set_exception(exc)
-            else:
-                finished.set_result(t.result())
-            self._done.set()
+            try:
+                _RUNNING.discard(self)
+                if t.cancelled():
+                    finished.cancel()
+                elif (exc := t.exception()) is not None:
+                    finished.set_exception(exc)
+                else:
+                    finished.set_result(t.result())
+            finally:
+                self._done.set()
 
         task.add_done_callback(relay)
         _RUNNING.add(self)

@@ -15,7 +15,8 @@ interrupts *that* system call. Two cases escape:
 
 Then nothing wakes the main thread: the handler waits for the whole
 timeout (``wait(timeout=300)``: 300 s, with the ranks running meanwhile;
-measured here: ~1 SIGTERM in 400 sent at ``wait()``'s start). PyTorch's
+measured here: 1 SIGTERM in 10-25 sent as ``wait()`` went to sleep, when a
+thread of the supervisor handed on the line that triggered it). PyTorch's
 own ``time.sleep(period)`` has the same hole, bounded by its period.
 
 CPython's cure is ``signal.set_wakeup_fd``: the C handler writes the signal
@@ -44,7 +45,8 @@ __all__ = ("InterruptibleEvent",)
 
 #: A pipe's default capacity (Linux): one read empties it.
 _PIPE_BYTES = 65536
-_lock = threading.Lock()
+#: ``poll()``'s longest timeout (ms); a longer wait polls again.
+_POLL_MAX_MS = 2**31 - 1
 #: (read end, write end) of the wake-up pipe, both non-blocking; made at the first wait.
 _pipe: tuple[int, int] | None = None
 #: The program's wake-up descriptor while a wait here holds ours (-1: it had none).
@@ -54,14 +56,14 @@ _swap = functools.partial(signal.set_wakeup_fd, warn_on_full_buffer=False)
 
 
 def _wake_pipe() -> tuple[int, int]:
+    """The pipe (made by the main thread, the only one that waits on it)."""
     global _pipe
-    with _lock:
-        if _pipe is None:
-            r, w = os.pipe()
-            os.set_blocking(r, False)
-            os.set_blocking(w, False)
-            _pipe = (r, w)
-        return _pipe
+    if _pipe is None:
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        _pipe = (r, w)
+    return _pipe
 
 
 def _after_fork_in_child() -> None:
@@ -127,18 +129,24 @@ class InterruptibleEvent(threading.Event):
 def _wait_main(event: threading.Event, timeout: float | None) -> bool:
     global _program_fd
     r, w = _wake_pipe()
-    # A handler may raise at any call's return, so the swap and the record of
-    # the program's descriptor are one C call (``list.extend`` over ``map``):
-    # either both happened or neither did, and the ``finally`` knows which.
-    swapped: list[int] = []
-    arrived = b""
+    # What is in the pipe now came before this wait: nudges nobody needed
+    # (set() writes one whoever waits), signal numbers not yet handed on.
+    arrived = _drain(r)
+    # A handler may raise at the return of any call, even between two lines.
+    # So the swap and its record are one C call (``list.extend`` over
+    # ``map``): ``program`` holds the program's descriptor exactly when ours
+    # is in. The put-back is one C call too, the first of the ``finally``,
+    # over a ``map`` made now: it reads ``program`` when it runs.
+    program: list[int] = []
+    put_back = map(signal.set_wakeup_fd, program)
+    current: list[int] = []
     try:
         try:
-            swapped.extend(map(_swap, (w,)))
+            program.extend(map(_swap, (w,)))
         except ValueError:  # not the main interpreter: no wake-up descriptor to borrow
             return threading.Event.wait(event, timeout)
-        if swapped[0] != w:  # the outermost wait (a handler may wait here too)
-            _program_fd = swapped[0]
+        if program[0] != w:  # the outermost wait (a handler may wait here too)
+            _program_fd = program[0]
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         poller = select.poll()
         poller.register(r, select.POLLIN)
@@ -149,14 +157,33 @@ def _wait_main(event: threading.Event, timeout: float | None) -> bool:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                poller.poll(math.ceil(left * 1000))
+                poller.poll(min(math.ceil(left * 1000), _POLL_MAX_MS))
             # A signal's handler has run by now (it runs at the call's return) or raised.
             arrived += _drain(r)
         return True
     finally:
-        if swapped:  # put the program's descriptor back, then hand it what came to ours
-            signal.set_wakeup_fd(swapped[0])
-            arrived += _drain(r)
-            if arrived and swapped[0] >= 0:
-                with contextlib.suppress(OSError):
-                    os.write(swapped[0], arrived)
+        if program:
+            try:
+                current.extend(put_back)
+            except (OSError, ValueError):  # a handler closed the program's descriptor
+                current.extend(map(signal.set_wakeup_fd, (-1,)))
+            _hand_on(program[0], current[0], r, w, arrived)
+
+
+def _hand_on(program: int, current: int, r: int, w: int, arrived: bytes) -> None:
+    """After the put-back: the signal numbers that came to our pipe go to the program's.
+
+    Best effort: a second handler raising meanwhile loses them (the Python
+    handlers have run; only the program's descriptor misses them). The
+    put-back turns ``warn_on_full_buffer`` on again: Python cannot tell what it was.
+    """
+    if current != w:  # a handler set a descriptor of its own meanwhile: it stays
+        with contextlib.suppress(OSError, ValueError):
+            signal.set_wakeup_fd(current)
+        return
+    arrived += _drain(r)
+    if program == w:  # a nested wait: the outer one re-checks its event (it may be set now)
+        arrived += b"\0"
+    if arrived and program >= 0:
+        with contextlib.suppress(OSError):
+            os.write(program, arrived)
