@@ -316,6 +316,7 @@ async def open_pump(
     feed: LineFeed | None = None,
 ) -> Pump:
     """Start pumping ``pipe`` into ``path`` (and the console, and line subscribers, when given)."""
+    _platform.settle_allocator()
     tee = _LineTee(console, prefix) if console is not None else None
     pump = Pump(rank, stream, path, tee, feed)
     try:
