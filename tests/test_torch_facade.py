@@ -456,12 +456,11 @@ def test_a_context_that_never_started_closes_cleanly(tmp_path: Path) -> None:
         mpc.wait(0)
 
 
-def supervise(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], dict[int, int]]:
-    """Start ``children/torch_supervisor.py``; return it and its rank pids once both run."""
+def start_child(tmp_path: Path, script: str, *args: str) -> subprocess.Popen[str]:
+    """Run ``children/<script>`` in ``tmp_path``, this checkout's corral first, on text pipes."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(SRC.parent)]))
-    script = Path(__file__).parent / "children" / "torch_supervisor.py"
-    proc = subprocess.Popen(
-        [sys.executable, str(script), *args],
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "children" / script), *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -469,6 +468,11 @@ def supervise(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], dict[i
         env=env,
         cwd=tmp_path,
     )
+
+
+def supervise(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], dict[int, int]]:
+    """Start ``children/torch_supervisor.py``; return it and its rank pids once both run."""
+    proc = start_child(tmp_path, "torch_supervisor.py", *args)
     try:
         assert proc.stdout is not None
         # The supervisor prints its pids; each rank writes "up" once it runs (any order).
@@ -528,16 +532,8 @@ def test_a_sigterm_as_wait_begins_is_raised_at_once_round_after_round(tmp_path: 
     SignalException only at wait()'s timeout (20 s here; 300 s in PyTorch's
     test, whose ranks were then still alive when it looked).
     """
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(SRC.parent)]))
-    script = Path(__file__).parent / "children" / "torch_signal_race.py"
     rounds = 100
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(rounds)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-    )
+    proc = start_child(tmp_path, "torch_signal_race.py", str(rounds))
     outcomes = []
     try:
         assert proc.stdout is not None
@@ -545,7 +541,8 @@ def test_a_sigterm_as_wait_begins_is_raised_at_once_round_after_round(tmp_path: 
             assert proc.stdout.readline() == "ready\n"
             proc.send_signal(signal.SIGTERM)
             outcomes.append(proc.stdout.readline().split())
-        assert proc.wait(timeout=30) == 0
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
     finally:
         end(proc)
     assert all(o[0] == "exc" for o in outcomes), outcomes
@@ -578,17 +575,7 @@ def test_ctrl_c_during_the_exit_close_still_closes_every_context(tmp_path: Path)
     The ranks ignore SIGTERM; the contexts were started off the main thread,
     so the Ctrl-C is a KeyboardInterrupt (no SignalException handler).
     """
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(SRC.parent)]))
-    script = Path(__file__).parent / "children" / "torch_exit_interrupt.py"
-    proc = subprocess.Popen(
-        [sys.executable, str(script)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-    )
+    proc = start_child(tmp_path, "torch_exit_interrupt.py")
     try:
         assert proc.stdin is not None
         assert proc.stdout is not None

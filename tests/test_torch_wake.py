@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -17,6 +18,7 @@ from .children import blocked
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
     from types import FrameType
 
 
@@ -62,10 +64,23 @@ def usr1() -> Iterator[list[int]]:
         signal.signal(signal.SIGUSR1, before)
 
 
+def set_once_asleep(event: InterruptibleEvent) -> threading.Thread:
+    """A thread setting ``event`` once the main thread sleeps in its ``wait()``."""
+
+    def set_it() -> None:
+        blocked.until_sleeps_in(InterruptibleEvent.wait.__code__)
+        event.set()
+
+    thread = threading.Thread(target=set_it)
+    thread.start()
+    return thread
+
+
 def test_set_from_another_thread_wakes_the_main_thread() -> None:
     event = InterruptibleEvent()
-    threading.Timer(0.01, event.set).start()
+    setter = set_once_asleep(event)
     assert event.wait(30)
+    setter.join()
     assert event.wait(0)  # set stays set
 
 
@@ -88,7 +103,7 @@ def test_the_programs_descriptor_is_put_back_and_gets_the_signals_that_came(
     event = InterruptibleEvent()
 
     def signal_then_set() -> None:
-        blocked.until_main_thread_sleeps_in(InterruptibleEvent.wait.__code__)
+        blocked.until_sleeps_in(InterruptibleEvent.wait.__code__)
         signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)  # its C handler runs here
         event.set()
 
@@ -113,7 +128,7 @@ def test_a_handler_that_raises_ends_the_wait_at_once_and_the_descriptor_is_put_b
     event = InterruptibleEvent()
 
     def signal_from_here() -> None:
-        blocked.until_main_thread_sleeps_in(InterruptibleEvent.wait.__code__)
+        blocked.until_sleeps_in(InterruptibleEvent.wait.__code__)
         signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
 
     helper = threading.Thread(target=signal_from_here)
@@ -134,11 +149,12 @@ def test_a_wait_off_the_main_thread_leaves_the_descriptor_alone(
     event = InterruptibleEvent()
     seen: list[int] = []
 
-    def wait_then_look() -> None:
+    def wait_for_it() -> None:
         assert event.wait(30)
 
-    waiter = threading.Thread(target=wait_then_look)
+    waiter = threading.Thread(target=wait_for_it)
     waiter.start()
+    blocked.until_sleeps_in(InterruptibleEvent.wait.__code__, waiter)
     seen.append(current_wakeup_fd())
     event.set()
     waiter.join()
@@ -148,8 +164,9 @@ def test_a_wait_off_the_main_thread_leaves_the_descriptor_alone(
 def test_a_timeout_longer_than_poll_takes_is_accepted() -> None:
     """poll() takes at most 2**31-1 ms (24.8 days); a longer wait still works."""
     event = InterruptibleEvent()
-    threading.Timer(0.01, event.set).start()
+    setter = set_once_asleep(event)
     assert event.wait(30 * 86400)
+    setter.join()
 
 
 def test_a_descriptor_a_handler_changes_during_the_wait_stays(
@@ -163,7 +180,7 @@ def test_a_descriptor_a_handler_changes_during_the_wait_stays(
         raise Interrupted
 
     def signal_from_here() -> None:
-        blocked.until_main_thread_sleeps_in(InterruptibleEvent.wait.__code__)
+        blocked.until_sleeps_in(InterruptibleEvent.wait.__code__)
         signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
 
     before = signal.signal(signal.SIGUSR1, drop_it)
@@ -187,3 +204,41 @@ def test_the_tee_writer_ends_even_if_closing_its_file_fails() -> None:
     writer.queue.put(None)
     writer.join()
     assert writer.done.is_set()
+
+
+def test_a_descriptor_closed_during_the_wait_is_not_put_back(tmp_path: Path) -> None:
+    """Something closes the program's wake-up socket meanwhile and a file takes its number:
+    the wake-up fd stays -1, the file gets no signal numbers, the handler's exception comes out."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    number = ours.fileno()
+    before = signal.set_wakeup_fd(number)
+    event = InterruptibleEvent()
+    reused: list[int] = []
+
+    def close_it(signum: int, frame: FrameType | None) -> None:
+        ours.close()
+        reused.append(os.open(tmp_path / "other", os.O_WRONLY | os.O_CREAT))
+        raise Interrupted
+
+    def signal_from_here() -> None:
+        blocked.until_sleeps_in(InterruptibleEvent.wait.__code__)
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+
+    previous_handler = signal.signal(signal.SIGUSR1, close_it)
+    try:
+        helper = threading.Thread(target=signal_from_here)
+        helper.start()
+        with pytest.raises(Interrupted):
+            event.wait(60)
+        helper.join()
+        assert current_wakeup_fd() == -1
+        assert reused == [number]  # the file has the old number
+        assert (tmp_path / "other").read_bytes() == b""
+    finally:
+        signal.signal(signal.SIGUSR1, previous_handler)
+        signal.set_wakeup_fd(before)
+        for fd in reused:
+            os.close(fd)
+        ours.close()
+        theirs.close()

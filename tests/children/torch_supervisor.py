@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 
-from tests.children.blocked import until_main_thread_sleeps_in
+from tests.children.blocked import until_sleeps_in
 
 from corral.torch import DefaultLogsSpecs, PContext, SignalException, start_processes
 
@@ -27,7 +27,7 @@ from corral.torch import DefaultLogsSpecs, PContext, SignalException, start_proc
 def signal_from_this_thread() -> None:
     """After a line on stdin: SIGTERM to this very thread once the main thread blocks in wait()."""
     sys.stdin.readline()
-    until_main_thread_sleeps_in(PContext.wait.__code__)
+    until_sleeps_in(PContext.wait.__code__)
     signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
 
 

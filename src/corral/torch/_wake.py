@@ -165,8 +165,9 @@ def _wait_main(event: threading.Event, timeout: float | None) -> bool:
         if program:
             try:
                 current.extend(put_back)
-            except (OSError, ValueError):  # a handler closed the program's descriptor
+            except (OSError, ValueError):  # the program's descriptor was closed meanwhile
                 current.extend(map(signal.set_wakeup_fd, (-1,)))
+                program[0] = -1  # nothing to hand on to (its number may be another file's now)
             _hand_on(program[0], current[0], r, w, arrived)
 
 
